@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""MoCo v1/v2 pretraining (facebookresearch/moco ``main_moco.py`` flags, plus DisCo's ``--hidden``).
+
+    python main_moco.py -a resnet50 --lr 0.03 --batch-size 256 --mlp --moco-t 0.2 --aug-plus --cos \
+        --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 /path/to/imagenet
+
+``-b`` is the batch of one node (split over its processes); the lr is not scaled. Checkpoints
+``checkpoint_{epoch:04d}.pth.tar`` (keys ``epoch arch state_dict optimizer`` + ours) are written to
+``--output_dir`` (default: the current directory, like the official script) every epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from src import distributed as D
+from src.cli import add_engine_args, amp_mode, knn_monitor, per_process, print_setup, train_dir
+from src.data.datasets import ImageDataset
+from src.data.transforms import TwoCropsTransform, moco_v1_augmentation, moco_v2_augmentation
+from src.engine import CheckpointPolicy, EngineConfig, Trainer, seed_everything
+from src.errors import cli_main
+from src.logger import save_args, setup_logging
+from src.methods.moco import MoCo
+from src.models.backbones import arch_spec
+from src.models.momentum import default_shuffle_groups
+from src.models.queue import check_queue_divisible
+
+log = logging.getLogger("ssl")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="MoCo v1/v2 pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", metavar="DIR", help="dataset root containing train/ (and val/ for the kNN monitor)")
+    p.add_argument("-a", "--arch", default="resnet50")
+    p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
+    p.add_argument("--epochs", default=200, type=int)
+    p.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", default=0, type=int,
+                   help="ignored: the epoch comes from the resumed checkpoint")
+    p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=256, type=int,
+                   help="batch of one node, split over its processes")
+    p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float)
+    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="lr x0.1 epochs (without --cos)")
+    p.add_argument("--momentum", default=0.9, type=float)
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-4, type=float)
+    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=10, type=int)
+    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (default: newest in --output_dir)")
+    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (default 0)")
+    D.add_dist_args(p, dist_url_default="tcp://224.66.41.62:23456")
+    p.add_argument("--moco-dim", "--moco_dim", dest="moco_dim", default=128, type=int)
+    p.add_argument("--moco-k", "--moco_k", dest="moco_k", default=65536, type=int)
+    p.add_argument("--moco-m", "--moco_m", dest="moco_m", default=0.999, type=float)
+    p.add_argument("--moco-t", "--moco_t", dest="moco_t", default=0.07, type=float)
+    p.add_argument("--mlp", action="store_true", help="MLP head (MoCo v2)")
+    p.add_argument("--aug-plus", "--aug_plus", dest="aug_plus", action="store_true", help="MoCo v2 augmentation")
+    p.add_argument("--cos", action="store_true", help="per-epoch cosine lr")
+    p.add_argument("--hidden", default=-1, type=int,
+                   help="DisCo: MLP hidden width; -1 = feature dim, 0 = a single linear layer")
+    p.add_argument("--shuffle_bn_groups", default=0, type=int,
+                   help="single process: emulate shuffle-BN with this many BN groups (0: one per 32 images, max 8)")
+    add_engine_args(p)
+    return p
+
+
+def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
+    out = args.output_dir or "."
+    setup_logging(out, info.rank)
+    seed_everything(args.seed if args.seed is not None else 0)
+    batch = per_process(args.batch_size, info)
+    workers = (args.workers + max(info.local_world_size, 1) - 1) // max(info.local_world_size, 1)
+    check_queue_divisible(args.moco_k, batch * info.world_size)
+    aug = moco_v2_augmentation(args.image_size) if args.aug_plus else moco_v1_augmentation(args.image_size)
+    train_set = ImageDataset(train_dir(args.data), TwoCropsTransform(aug), seed=args.data_seed)
+    groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
+    method = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.hidden,
+                  cifar_stem=args.cifar_stem, shuffle_groups=groups).to(info.device)
+    import torch
+    optimizer = torch.optim.SGD(method.encoder_q.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    from src.optim import MoCoEpochLR
+    schedule = MoCoEpochLR(args.lr, args.epochs, args.cos, args.schedule)
+    print_setup(info, batch, f"lr {args.lr} (not scaled)",
+                "cosine per epoch" if args.cos else f"x0.1 at epochs {args.schedule}")
+    if info.is_main:
+        save_args(args, out)
+    cfg = EngineConfig(epochs=args.epochs, batch_size=batch, output_dir=out,
+                       checkpoint=CheckpointPolicy(out), method_name="moco", arch=args.arch, args=vars(args),
+                       workers=workers, print_freq=args.print_freq, amp=amp_mode(args),
+                       channels_last=args.channels_last, resume=args.resume or None, auto_resume=args.auto_resume,
+                       seed=args.data_seed, knn_freq=args.knn_freq, knn_k=args.knn_k, knn_t=args.knn_t,
+                       knn_batch_size=args.knn_batch_size, max_iters=args.max_iters)
+    Trainer(method, optimizer, schedule, train_set, cfg, info, knn_monitor(args, args.data)).fit()
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    arch_spec(args.arch)          # fail fast, before any process is spawned
+    train_dir(args.data)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    D.launch(main_worker, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Command-line pieces shared by the entry scripts: engine flags, data checks, the kNN monitor."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from . import distributed as D
+from .data.datasets import ImageDataset, find_classes
+from .data.transforms import eval_transform
+from .engine import KnnMonitor
+from .errors import UserError
+
+log = logging.getLogger("ssl")
+
+
+def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp16_default: bool = False) -> None:
+    g = p.add_argument_group("engine (this repository)")
+    g.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
+                   help=f"checkpoints, logs, TensorBoard (default: {output_default!r}, as the official script)")
+    g.add_argument("--use_fp16", "--use-fp16", dest="use_fp16", type=D.str2bool, nargs="?", const=True,
+                   default=fp16_default, help="fp16 autocast + GradScaler on CUDA (apex O1's meaning); fp32 on CPU")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (no loss scaling)")
+    g.add_argument("--channels_last", action="store_true", help="channels_last memory format")
+    g.add_argument("--auto_resume", type=D.str2bool, default=True,
+                   help="resume from the newest checkpoint in the output directory (default true)")
+    g.add_argument("--knn_freq", type=int, default=0, help="kNN monitor every N epochs on <data>/train → <data>/val (0: off)")
+    g.add_argument("--knn_k", type=int, default=20)
+    g.add_argument("--knn_t", type=float, default=0.2)
+    g.add_argument("--knn_batch_size", type=int, default=256)
+    g.add_argument("--image_size", type=int, default=224, help="crop size (224 for ImageNet; e.g. 32 for the demo)")
+    g.add_argument("--cifar_stem", action="store_true", help="3x3 stride-1 ResNet stem without max-pool")
+    g.add_argument("--max_iters", type=int, default=None, help="iterations per epoch cap (smoke tests)")
+    g.add_argument("--data_seed", type=int, default=0, help="seed of the data order and augmentations")
+
+
+def amp_mode(args: argparse.Namespace) -> str | None:
+    return "bf16" if getattr(args, "bf16", False) else ("fp16" if getattr(args, "use_fp16", False) else None)
+
+
+def train_dir(data: str, sub: str = "train") -> str:
+    """``<data>/train`` (clear one-line errors for a missing or empty directory)."""
+    if not data or not os.path.isdir(data):
+        raise UserError(f"data directory not found: {data}")
+    path = os.path.join(data, sub)
+    if not os.path.isdir(path):
+        raise UserError(f"{data} has no '{sub}' folder (expected {data}/{sub}/<class>/<image>)")
+    find_classes(path)
+    return path
+
+
+def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes: int | None = None) -> KnnMonitor | None:
+    """The kNN monitor: bank = ``<data>/train`` (eval transform), queries = ``<data>/val``."""
+    if not args.knn_freq:
+        return None
+    val = os.path.join(data_root, "val")
+    if not os.path.isdir(val):
+        log.warning("--knn_freq set but %s does not exist: kNN monitor disabled", val)
+        return None
+    kw = {"std": std} if std is not None else {}
+    tf = eval_transform(args.image_size, **kw)
+    bank = ImageDataset(os.path.join(data_root, "train"), tf, num_classes=num_classes)
+    queries = ImageDataset(val, tf, num_classes=num_classes)
+    if queries.classes != bank.classes:
+        raise UserError(f"{val} and {data_root}/train have different class folders")
+    return KnnMonitor(bank, queries, len(bank.classes))
+
+
+def per_process(total: int, info: D.DistInfo, what: str = "batch size") -> int:
+    """MoCo semantics: ``-b`` is the batch of one node, split over its processes."""
+    n = info.local_world_size if info.distributed else 1
+    if total % n:
+        raise UserError(f"{what} {total} is not divisible by the {n} processes of this node")
+    return total // n
+
+
+def print_setup(info: D.DistInfo, per_proc_batch: int, lr_desc: str, schedule: str) -> None:
+    log.info("processes %d (device %s) | batch %d per process, %d global | %s | schedule: %s",
+             info.world_size, info.device, per_proc_batch, per_proc_batch * info.world_size, lr_desc, schedule)

@@ -1,0 +1,206 @@
+"""Datasets that return ``(crops, target, index)`` and the samplers that feed them.
+
+- :class:`ImageDataset`: an ImageFolder (``<root>/<class>/<image>``), optionally restricted to a
+  file list (ImageNet-100, the 1 %/10 % splits) or to the first N classes. ``index`` is the
+  position in the sorted sample list, stable across epochs (SogCLR's ``u`` and PCL's cluster
+  assignments are keyed by it).
+- Corrupt or unreadable images are skipped (the next image is used instead), logged once each
+  and counted in :attr:`ImageDataset.num_skipped` (shared with the loader workers).
+- Augmentation randomness is a function of ``(seed, epoch, index)`` only: the sampler yields
+  ``(index, epoch)`` and ``__getitem__`` seeds ``random``/``numpy``/``torch`` from it. The same
+  image gets the same crops whatever the number of workers or processes, and a resumed run
+  replays exactly the epochs of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import random
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler, get_worker_info
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
+
+
+def _pil_loader(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+def find_classes(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        raise UserError(f"data directory not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise UserError(f"no class folders in {root} (expected <root>/<class>/<image>)")
+    return classes
+
+
+def _scan(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
+    samples = []
+    for target, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(tuple(e.lower() for e in IMG_EXTENSIONS)):
+                    samples.append((os.path.join(dirpath, f), target))
+    return samples
+
+
+def read_file_list(list_path: str, root: str) -> list[tuple[str, str]]:
+    """Lines ``<relative path> [label]`` or SimCLR-subset lines ``<wnid>_<id>.JPEG``.
+    Returns ``(absolute path, class name)`` pairs; the class is the parent folder (or the file-name
+    prefix before ``_`` for SimCLR lists)."""
+    if not os.path.isfile(list_path):
+        raise UserError(f"file list not found: {list_path}")
+    out = []
+    with open(list_path) as f:
+        for line in f:
+            tok = line.strip().split()
+            if not tok:
+                continue
+            rel = tok[0]
+            cands = [os.path.join(root, rel)]
+            parts = rel.split("/")
+            if len(parts) > 2:  # 'train/<wnid>/<file>' relative to the dataset root
+                cands.append(os.path.join(root, *parts[-2:]))
+            if "/" not in rel:  # SimCLR split: '<wnid>_<n>.JPEG'
+                cands.append(os.path.join(root, rel.split("_")[0], rel))
+            path = next((p for p in cands if os.path.exists(p)), cands[-1])
+            out.append((path, os.path.basename(os.path.dirname(path))))
+    if not out:
+        raise UserError(f"file list {list_path} is empty")
+    return out
+
+
+class ImageDataset(Dataset):
+    """ImageFolder returning ``(crops, target, index)``; see the module docstring."""
+
+    def __init__(self, root: str, transform: Callable | None = None, file_list: str | None = None,
+                 num_classes: int | None = None, seed: int = 0):
+        self.root, self.transform, self.seed = root, transform, seed
+        if file_list:
+            pairs = read_file_list(file_list, root)
+            self.classes = sorted({c for _, c in pairs})
+            cidx = {c: i for i, c in enumerate(self.classes)}
+            self.samples = sorted((p, cidx[c]) for p, c in pairs)
+        else:
+            classes = find_classes(root)
+            if num_classes is not None:
+                if len(classes) < num_classes:
+                    raise UserError(f"{root} has {len(classes)} class folders, fewer than the {num_classes} asked for")
+                classes = classes[:num_classes]
+            self.classes = classes
+            self.samples = _scan(root, classes)
+        if not self.samples:
+            raise UserError(f"no images found under {root} (extensions: {', '.join(IMG_EXTENSIONS[:6])} ...)")
+        self.targets = [t for _, t in self.samples]
+        self._skipped = multiprocessing.Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self._skipped.value)
+
+    def _load(self, index: int) -> tuple[Image.Image, int, int]:
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            path, target = self.samples[i]
+            try:
+                return _pil_loader(path), target, i
+            except Exception as e:  # noqa: BLE001 - any decoding failure means "skip this file"
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+        raise UserError(f"no readable image in {self.root}")
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, None)
+        img, target, index = self._load(int(index))
+        if self.transform is None:
+            return img, target, index
+        if epoch is None:
+            return self.transform(img), target, index
+        return self._seeded_transform(img, epoch, index), target, index
+
+    def _seeded_transform(self, img, epoch: int, index: int):
+        s = (((self.seed * 1_000_003) + epoch) * 1_000_033 + index) % (2 ** 62)
+        in_main = get_worker_info() is None
+        if in_main:  # keep the main process's RNG streams untouched (num_workers=0)
+            states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(s)
+        np.random.seed(s % (2 ** 32))
+        torch.manual_seed(s)
+        try:
+            return self.transform(img)
+        finally:
+            if in_main:
+                random.setstate(states[0])
+                np.random.set_state(states[1])
+                torch.set_rng_state(states[2])
+
+
+class EpochSampler(Sampler):
+    """``torch.utils.data.DistributedSampler``'s order (randperm seeded with ``seed + epoch``,
+    padded by repetition, strided by rank), yielding ``(index, epoch)`` for seeded augmentation."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        self.n, self.num_replicas, self.rank, self.shuffle, self.seed = n, num_replicas, rank, shuffle, seed
+        self.epoch = 0
+        self.num_samples = math.ceil(n / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        pad = self.total_size - len(idx)
+        if pad > 0:
+            idx += (idx * math.ceil(pad / len(idx)))[:pad]
+        return idx[self.rank:self.total_size:self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(i, self.epoch) for i in self.indices()])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ShardSampler(Sampler):
+    """Evaluation: rank r reads indices r, r+W, ... exactly once (no padding, no duplicates)."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0):
+        self.idx = list(range(rank, n, num_replicas))
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+def collate_crops(batch):
+    """Collate ``(crops, target, index)``: crops become a list of ``B×3×H×W`` tensors."""
+    crops, targets, index = zip(*batch)
+    if isinstance(crops[0], (list, tuple)):
+        views = [torch.stack([c[v] for c in crops]) for v in range(len(crops[0]))]
+    else:
+        views = torch.stack(crops)
+    return views, torch.as_tensor(targets), torch.as_tensor(index)

@@ -1,0 +1,280 @@
+"""Distributed start-up for every launch style, and the collectives the methods use.
+
+Launch styles (see README "Launching"):
+- ``torchrun`` / ``python -m torch.distributed.launch``: ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the
+  environment, one process per device, ``init_method=env://`` (or ``--dist-url`` when given);
+- MoCo style ``--multiprocessing-distributed --world-size N --rank R --dist-url URL``: N nodes, this
+  process spawns one worker per GPU (``--nproc`` workers on a CPU-only machine, default 1);
+- SLURM (``srun``): ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``;
+- a plain single process: no process group at all.
+
+Every collective below is a no-op (identity) when no process group is initialised, so the same
+method code runs in one process and in many.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ----------------------------------------------------------------------------- arguments
+def str2bool(v: str | bool) -> bool:
+    """SwAV's ``bool_flag``: accepts true/false/on/off/1/0 (any case)."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).lower()
+    if s in {"true", "on", "1", "yes", "y"}:
+        return True
+    if s in {"false", "off", "0", "no", "n"}:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {v!r} (use true/false)")
+
+
+def add_dist_args(parser: argparse.ArgumentParser, *, world_size_default: int = -1,
+                  rank_default: int = -1, dist_url_default: str = "env://") -> None:
+    """Every spelling the official scripts accept (MoCo dashes, SwAV/CaCo underscores)."""
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--world-size", "--world_size", dest="world_size", type=int, default=world_size_default,
+                   help="MoCo style: number of nodes (multiplied by processes per node); torchrun sets it")
+    g.add_argument("--rank", type=int, default=rank_default, help="MoCo style: node rank")
+    g.add_argument("--dist-url", "--dist_url", dest="dist_url", default=dist_url_default,
+                   help="init_method of the process group")
+    g.add_argument("--dist-backend", "--dist_backend", dest="dist_backend", default=None,
+                   help="nccl on GPU, gloo on CPU (default: chosen from the device)")
+    g.add_argument("--multiprocessing-distributed", "--multiprocessing_distributed",
+                   dest="multiprocessing_distributed", nargs="?", const=True, default=False, type=str2bool,
+                   help="spawn one process per GPU on this node (CaCo passes it as an int)")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help="set by torch.distributed.launch (both spellings accepted)")
+    g.add_argument("--gpu", type=int, default=None, help="GPU id for a single-GPU run")
+    g.add_argument("--nproc", type=int, default=None,
+                   help="processes per node for --multiprocessing-distributed "
+                        "(default: number of GPUs, or 1 on a CPU-only machine)")
+
+
+# ----------------------------------------------------------------------------- launch
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pick_device(local_rank: int, gpu: int | None) -> torch.device:
+    if torch.cuda.is_available():
+        idx = gpu if gpu is not None else local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
+    return torch.device("cpu")
+
+
+def _init_group(info: DistInfo, url: str, backend: str | None) -> None:
+    backend = backend or ("nccl" if info.device.type == "cuda" else "gloo")
+    if backend == "nccl" and info.device.type != "cuda":
+        backend = "gloo"
+    kwargs = {}
+    if info.device.type == "cuda" and backend == "nccl":
+        kwargs["device_id"] = info.device
+    dist.init_process_group(backend=backend, init_method=url, world_size=info.world_size,
+                            rank=info.rank, **kwargs)
+
+
+def _spawn_worker(local_rank: int, fn: Callable, args, nproc: int, node_rank: int, nodes: int,
+                  url: str) -> None:
+    info = DistInfo(rank=node_rank * nproc + local_rank, world_size=nodes * nproc,
+                    local_rank=local_rank, local_world_size=nproc)
+    info.device = _pick_device(local_rank, None)
+    if info.world_size > 1:
+        _init_group(info, url, args.dist_backend)
+    try:
+        fn(info, args)
+    finally:
+        cleanup()
+
+
+def launch(fn: Callable[[DistInfo, argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """Start ``fn(info, args)`` in every process of the run, whatever the launch style."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.launch
+        info = DistInfo(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                        local_rank=int(env.get("LOCAL_RANK", args.local_rank or 0)),
+                        local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+        info.device = _pick_device(info.local_rank, None)
+        url = args.dist_url if args.dist_url not in (None, "") and not _is_unreachable_default(args.dist_url) \
+            else "env://"
+        if "MASTER_ADDR" in env:  # the launcher's rendezvous always wins over a copied --dist-url
+            url = "env://"
+        if info.world_size > 1:
+            _init_group(info, url, args.dist_backend)
+        try:
+            fn(info, args)
+        finally:
+            cleanup()
+        return
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and not args.multiprocessing_distributed:
+        info = DistInfo(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+                        local_rank=int(env.get("SLURM_LOCALID", 0)),
+                        local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+        info.device = _pick_device(info.local_rank, None)
+        _init_group(info, args.dist_url, args.dist_backend)
+        try:
+            fn(info, args)
+        finally:
+            cleanup()
+        return
+    if args.multiprocessing_distributed:
+        nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 1)
+        nodes = max(args.world_size, 1)
+        node_rank = max(args.rank, 0)
+        url = args.dist_url
+        if nodes == 1 and (url in (None, "", "env://") or _is_unreachable_default(url)):
+            url = f"tcp://127.0.0.1:{_free_port()}"
+        if nodes * nproc == 1:
+            info = DistInfo(device=_pick_device(0, args.gpu))
+            fn(info, args)
+            return
+        mp.spawn(_spawn_worker, nprocs=nproc, args=(fn, args, nproc, node_rank, nodes, url))
+        return
+    info = DistInfo(device=_pick_device(0, args.gpu))
+    fn(info, args)
+
+
+def _is_unreachable_default(url: str) -> bool:
+    # The official MoCo/SogCLR/CaCo default (a multicast address) can never rendezvous.
+    return "224.66.41.62" in str(url)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- helpers
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if is_dist():
+        dist.broadcast(t, src)
+    return t
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t)
+        t.div_(dist.get_world_size())
+    return t
+
+
+@torch.no_grad()
+def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors of all ranks along dim 0, in rank order (MoCo's
+    ``concat_all_gather``). No gradient flows through it."""
+    if not is_dist():
+        return t.detach()
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out, 0)
+
+
+@torch.no_grad()
+def gather_variable(t: torch.Tensor) -> torch.Tensor:
+    """All-gather tensors whose first dimension differs between ranks (evaluation features)."""
+    if not is_dist():
+        return t.detach()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    pad = torch.zeros((max(sizes) - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    buf = [torch.empty((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device) for _ in sizes]
+    dist.all_gather(buf, torch.cat([t, pad], 0).contiguous())
+    return torch.cat([b[:s] for b, s in zip(buf, sizes)], 0)
+
+
+class _GatherLocalGrad(torch.autograd.Function):
+    """all_gather whose backward returns only this rank's slice of the incoming gradient
+    (the official SogCLR ``all_gather_layer``): the gradient other ranks' anchors put on this
+    rank's features is dropped."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads[dist.get_rank()].contiguous()
+
+
+class _GatherFullGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of every rank's loss (all-reduce), i.e. the
+    exact gradient of the global objective with respect to this rank's features."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads).contiguous()
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
+def gather_with_grad(t: torch.Tensor, full_grad: bool = True) -> torch.Tensor:
+    """Differentiable all_gather (rank order). ``full_grad=False`` is the official SogCLR variant."""
+    if not is_dist():
+        return t
+    fn = _GatherFullGrad if full_grad else _GatherLocalGrad
+    return torch.cat(fn.apply(t), 0)

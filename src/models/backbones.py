@@ -1,0 +1,108 @@
+"""Backbone registry.
+
+An *encoder* is the full network as the official code builds it: a torchvision ResNet whose ``fc``
+is (later) replaced by a projection head, or a timm EfficientNet/MobileNetV3 whose ``classifier``
+is. Keeping that structure keeps the official state-dict names (``encoder_q.conv1.weight``,
+``encoder_q.fc.0.weight``, ``encoder_q.classifier.0.weight``), so official checkpoints load here and
+ours load in the official tools.
+
+``build_backbone(arch)`` returns the encoder with an identity head: its output is the pooled feature
+of dimension ``feat_dim(arch)`` (specs/disco_pcl_evals.md A5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+import torchvision.models as tvm
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    builder: Callable[..., nn.Module]
+    feat_dim: int
+    head_attr: str  # the attribute that holds the classifier / projection head
+    family: str     # "resnet" or "timm"
+
+
+def _tv(name: str) -> Callable[..., nn.Module]:
+    def build(zero_init_residual: bool = False, **_) -> nn.Module:
+        return getattr(tvm, name)(weights=None, zero_init_residual=zero_init_residual)
+    return build
+
+
+def _timm(name: str) -> Callable[..., nn.Module]:
+    def build(**_) -> nn.Module:
+        import timm  # imported lazily: ResNet-only runs do not pay for it
+        # drop_rate / drop_path_rate 0 as in DisCo's vendored timm (A5); num_classes=0 → pooled features
+        return timm.create_model(name, pretrained=False, num_classes=0, drop_rate=0.0, drop_path_rate=0.0)
+    return build
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "resnet18": ArchSpec(_tv("resnet18"), 512, "fc", "resnet"),
+    "resnet34": ArchSpec(_tv("resnet34"), 512, "fc", "resnet"),
+    "resnet50": ArchSpec(_tv("resnet50"), 2048, "fc", "resnet"),
+    "resnet101": ArchSpec(_tv("resnet101"), 2048, "fc", "resnet"),
+    "resnet152": ArchSpec(_tv("resnet152"), 2048, "fc", "resnet"),
+    # LORAC's ``models/backbones/resnet.py`` is torchvision's v1.5 ResNet (moco_m_lorac.md §1.1)
+    "mocom_r18": ArchSpec(_tv("resnet18"), 512, "fc", "resnet"),
+    "mocom_r50": ArchSpec(_tv("resnet50"), 2048, "fc", "resnet"),
+    # DisCo names (disco_pcl_evals.md A5): timm models, pooled feature 1280
+    "efficientb0": ArchSpec(_timm("efficientnet_b0"), 1280, "classifier", "timm"),
+    "efficientb1": ArchSpec(_timm("efficientnet_b1"), 1280, "classifier", "timm"),
+    "mobilenetv3": ArchSpec(_timm("mobilenetv3_large_100"), 1280, "classifier", "timm"),
+}
+ARCHS["efficientnet_b0"] = ARCHS["efficientb0"]
+ARCHS["efficientnet_b1"] = ARCHS["efficientb1"]
+ARCHS["mobilenetv3_large_100"] = ARCHS["mobilenetv3"]
+
+
+def arch_spec(arch: str) -> ArchSpec:
+    if arch not in ARCHS:
+        raise UserError(f"unknown arch {arch!r}; choose from {', '.join(sorted(ARCHS))}")
+    return ARCHS[arch]
+
+
+def feat_dim(arch: str) -> int:
+    return arch_spec(arch).feat_dim
+
+
+def apply_cifar_stem(model: nn.Module) -> nn.Module:
+    """3×3 stride-1 first conv and no max-pool (the usual CIFAR ResNet stem)."""
+    if not hasattr(model, "conv1") or not hasattr(model, "maxpool"):
+        raise UserError("--cifar_stem is only available for ResNet archs")
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_encoder(arch: str, head: nn.Module | None = None, *, cifar_stem: bool = False,
+                  zero_init_residual: bool = False) -> nn.Module:
+    """The full encoder with ``head`` in place of the classifier (identity when ``head`` is None).
+    ``encoder.feat_dim`` is the pooled feature dimension."""
+    spec = arch_spec(arch)
+    model = spec.builder(zero_init_residual=zero_init_residual)
+    if cifar_stem:
+        apply_cifar_stem(model)
+    setattr(model, spec.head_attr, head if head is not None else nn.Identity())
+    model.feat_dim = spec.feat_dim
+    return model
+
+
+def build_backbone(arch: str, *, cifar_stem: bool = False) -> nn.Module:
+    """Encoder without head: ``forward`` returns the pooled ``feat_dim`` feature."""
+    return build_encoder(arch, None, cifar_stem=cifar_stem)
+
+
+def head_attr(arch: str) -> str:
+    return arch_spec(arch).head_attr
+
+
+def strip_head(encoder: nn.Module, arch: str) -> nn.Module:
+    """Replace the head of an encoder with the identity (in place) and return it."""
+    setattr(encoder, head_attr(arch), nn.Identity())
+    return encoder

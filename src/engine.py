@@ -153,7 +153,7 @@ class Trainer:
         self.iters = len(self.loader) if cfg.max_iters is None else min(cfg.max_iters, len(self.loader))
         if info.distributed:
             self.model: nn.Module = nn.parallel.DistributedDataParallel(
-                method, device_ids=[self.device.index] if cuda else None, broadcast_buffers=False,
+                method, device_ids=[self.device.index] if cuda else None, forward_sync_buffers=False,
                 find_unused_parameters=cfg.find_unused_parameters)
         else:
             self.model = method

@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .errors import UserError
 
 
 @dataclass
@@ -111,6 +114,10 @@ def _spawn_worker(local_rank: int, fn: Callable, args, nproc: int, node_rank: in
         _init_group(info, url, args.dist_backend)
     try:
         fn(info, args)
+    except UserError as e:  # one clear line from the worker, then a non-zero exit of the whole run
+        if info.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         cleanup()
 
@@ -156,7 +163,10 @@ def launch(fn: Callable[[DistInfo, argparse.Namespace], None], args: argparse.Na
             info = DistInfo(device=_pick_device(0, args.gpu))
             fn(info, args)
             return
-        mp.spawn(_spawn_worker, nprocs=nproc, args=(fn, args, nproc, node_rank, nodes, url))
+        try:
+            mp.spawn(_spawn_worker, nprocs=nproc, args=(fn, args, nproc, node_rank, nodes, url))
+        except mp.ProcessExitedException as e:
+            raise SystemExit(e.exit_code or 1) from None
         return
     info = DistInfo(device=_pick_device(0, args.gpu))
     fn(info, args)

@@ -1,0 +1,125 @@
+"""main_moco.py end to end: the DisCo-seed baseline commands, torchrun, kill + resume."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from src.checkpoint import load_backbone, load_checkpoint
+
+# The DisCo seed's baseline commands (shared/seeds/003_*.txt), data path and epochs to be substituted.
+DISCO_BASELINES = [
+    "-a resnet50 --batch-size 256 --learning-rate 0.03 --mlp --moco-t 0.2 --aug-plus --cos --epochs 200 --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 --hidden 2048 /dev/shm/",
+    "-a resnet101 --batch-size 256 --learning-rate 0.03 --mlp --moco-t 0.2 --aug-plus --cos --epochs 200 --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 --hidden 2048 /dev/shm/",
+    "-a resnet152 --batch-size 256 --learning-rate 0.03 --mlp --moco-t 0.2 --aug-plus --cos --epochs 800 --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 --hidden 2048 /dev/shm/",
+    "-a mobilenetv3 --batch-size 256 --learning-rate 0.03 --mlp --moco-t 0.2 --aug-plus --cos --epochs 200 --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 --hidden 512 /dev/shm",
+    "-a efficientb0 --batch-size 256 --learning-rate 0.03 --mlp --moco-t 0.2 --aug-plus --cos --epochs 200 --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 --hidden 1280",
+    "-a efficientb1 --batch-size 256 --learning-rate 0.03 --mlp --moco-t 0.2 --aug-plus --cos --epochs 200 --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0  --hidden 1280  /dev/shm",
+    "-a resnet18 --batch-size 256 --learning-rate 0.03 --mlp --moco-t 0.2 --aug-plus --cos --epochs 200 --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 --hidden 1280 /dev/shm/",
+    "-a resnet34 --batch-size 256 --learning-rate 0.03 --mlp --moco-t 0.2 --aug-plus --cos --epochs 200 --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 --hidden 1280 /dev/shm/",
+]
+R18_BASELINE = DISCO_BASELINES[6]
+SMALL = ["--batch-size", "8", "--moco-k", "64", "--image_size", "32", "-j", "0", "--print-freq", "2"]
+
+
+def _command(seed: str, data: str, epochs: int) -> list[str]:
+    """The seed command with only its data path and epoch count replaced."""
+    argv = shlex.split(seed)
+    argv = [a for a in argv if not a.startswith("/dev/shm")]
+    argv[argv.index("--epochs") + 1] = str(epochs)
+    return argv + [data]
+
+
+@pytest.mark.parametrize("seed", DISCO_BASELINES, ids=lambda s: s.split()[1])
+def test_every_disco_baseline_command_parses_and_builds(seed, tiny_folder):
+    import main_moco
+    from src.methods.moco import MoCo
+    args = main_moco.get_parser().parse_args(_command(seed, tiny_folder, 1))
+    assert args.multiprocessing_distributed and args.world_size == 1 and args.rank == 0
+    assert args.lr == 0.03 and args.mlp and args.aug_plus and args.cos and args.moco_t == 0.2
+    m = MoCo(args.arch, args.moco_dim, 256, args.moco_m, args.moco_t, args.mlp, args.hidden)
+    head = m.encoder_q.fc if hasattr(m.encoder_q, "fc") and args.arch.startswith("resnet") else m.encoder_q.classifier
+    feat = {"resnet18": 512, "resnet34": 512, "mobilenetv3": 1280, "efficientb0": 1280, "efficientb1": 1280}.get(args.arch, 2048)
+    assert head[0].weight.shape == (args.hidden, feat) and head[2].weight.shape == (128, args.hidden)
+    with torch.no_grad():
+        m.eval()
+        assert m.encoder_q(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+
+
+def _run(argv, cwd, env=None, timeout=300):
+    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow
+def test_disco_r18_baseline_single_process_then_eval(tmp_path, tiny_folder, repo_root):
+    out = tmp_path / "pre"
+    _run([sys.executable, "main_moco.py", *_command(R18_BASELINE, tiny_folder, 2), *SMALL, "--output_dir", str(out),
+          "--knn_freq", "1"], repo_root)
+    ck = load_checkpoint(str(out / "checkpoint_0001.pth.tar"))
+    assert ck["epoch"] == 2 and ck["arch"] == "resnet18"
+    assert {"state_dict", "optimizer", "epoch", "arch"} <= set(ck)
+    sd = ck["state_dict"]
+    assert sd["module.queue"].shape == (128, 64) and int(sd["module.queue_ptr"]) == (2 * 4 * 8) % 64
+    assert sd["module.encoder_q.fc.0.weight"].shape == (1280, 512)
+    assert (out / "checkpoint_0000.pth.tar").exists() and (out / "args.json").exists()
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    ep = [x for x in lines if "knn_top1" in x]
+    assert len(ep) == 2 and all(0 <= x["knn_top1"] <= 100 for x in ep)
+    assert all(x["loss"] > 0 for x in lines if "loss" in x)
+    # the backbone of the checkpoint loads strictly (query encoder, not the momentum one)
+    bb = load_backbone(str(out / "checkpoint_0001.pth.tar"), "resnet18")
+    assert torch.equal(bb.state_dict()["layer4.1.bn2.weight"], sd["module.encoder_q.layer4.1.bn2.weight"])
+
+
+@pytest.mark.slow
+def test_disco_r18_baseline_torchrun_two_processes(tmp_path, tiny_folder, repo_root):
+    out = tmp_path / "ddp"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+          "main_moco.py", *_command(R18_BASELINE, tiny_folder, 2), *SMALL, "--output_dir", str(out)], repo_root)
+    ck = load_checkpoint(str(out / "checkpoint_0001.pth.tar"))
+    # per-process batch 4 × 2 processes; 32 images → 4 iterations per epoch, 8 keys per step
+    assert int(ck["state_dict"]["module.queue_ptr"]) == (2 * 4 * 8) % 64
+    log = (out / "logs" / "train.log").read_text()
+    assert "processes 2" in log and "batch 4 per process, 8 global" in log
+
+
+def _port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_state(tmp_path, tiny_folder, repo_root):
+    argv = [sys.executable, "main_moco.py", *_command(R18_BASELINE, tiny_folder, 3), *SMALL]
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    _run(argv + ["--output_dir", str(ref)], repo_root)
+    # start the same run, kill -9 it as soon as its first checkpoint exists, then run it again
+    p = subprocess.Popen(argv + ["--output_dir", str(run)], cwd=repo_root, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (run / "checkpoint_0000.pth.tar").exists() and time.time() - t0 < 240:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (run / "checkpoint_0002.pth.tar").exists(), "the run finished before it could be killed"
+    r = _run(argv + ["--output_dir", str(run)], repo_root)
+    assert "resumed from" in r.stdout
+    a = load_checkpoint(str(ref / "checkpoint_0002.pth.tar"))
+    b = load_checkpoint(str(run / "checkpoint_0002.pth.tar"))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])

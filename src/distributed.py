@@ -146,7 +146,12 @@ def launch(fn: Callable[[DistInfo, argparse.Namespace], None], args: argparse.Na
                         local_rank=int(env.get("SLURM_LOCALID", 0)),
                         local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
         info.device = _pick_device(info.local_rank, None)
-        _init_group(info, args.dist_url, args.dist_backend)
+        url = "env://" if "MASTER_ADDR" in env else args.dist_url
+        if url == "env://" or _is_unreachable_default(url):
+            if "MASTER_ADDR" not in env:
+                raise UserError("SLURM launch: set MASTER_ADDR/MASTER_PORT or pass --dist-url tcp://<first node>:<port>")
+            url = "env://"
+        _init_group(info, url, args.dist_backend)
         try:
             fn(info, args)
         finally:
@@ -157,6 +162,10 @@ def launch(fn: Callable[[DistInfo, argparse.Namespace], None], args: argparse.Na
         nodes = max(args.world_size, 1)
         node_rank = max(args.rank, 0)
         url = args.dist_url
+        if int(env.get("SLURM_NTASKS", "1")) > 1:  # srun with one task per node: nodes and node rank from SLURM
+            nodes, node_rank = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
+            if "MASTER_ADDR" in env:
+                url = "env://"
         if nodes == 1 and (url in (None, "", "env://") or _is_unreachable_default(url)):
             url = f"tcp://127.0.0.1:{_free_port()}"
         if nodes * nproc == 1:

@@ -123,3 +123,50 @@ def test_killed_run_resumes_to_identical_state(tmp_path, tiny_folder, repo_root)
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+@pytest.mark.slow
+def test_slurm_launch_two_tasks(tmp_path, tiny_folder, repo_root):
+    """Two processes started as ``srun`` would start them (SLURM_* variables, MASTER_ADDR/PORT)."""
+    out, port = tmp_path / "slurm", _port()
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+               "SLURM_NTASKS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "main_moco.py", *_command(R18_BASELINE, tiny_folder, 1),
+                                       *SMALL, "--output_dir", str(out)], cwd=repo_root, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert "processes 2" in (out / "logs" / "train.log").read_text()
+    assert int(load_checkpoint(str(out / "checkpoint_0000.pth.tar"))["state_dict"]["module.queue_ptr"]) == 32
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path, tiny_folder):
+    """A loss that turns NaN in epoch 1 stops the run with NonFiniteLoss; epoch 0's checkpoint stays."""
+    from src.data.datasets import ImageDataset
+    from src.data.transforms import TwoCropsTransform, eval_transform
+    from src.engine import CheckpointPolicy, EngineConfig, NonFiniteLoss, Trainer
+    from src.distributed import DistInfo
+    from src.methods.moco import MoCo
+
+    class Exploding(MoCo):
+        def forward(self, crops, index=None):
+            out = super().forward(crops, index)
+            if self.epoch >= 1:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        def on_epoch_start(self, epoch, engine=None):
+            self.epoch = epoch
+
+    torch.manual_seed(0)
+    m = Exploding("resnet18", dim=16, K=32, mlp=False)
+    ds = ImageDataset(os.path.join(tiny_folder, "train"), TwoCropsTransform(eval_transform(32)))
+    out = tmp_path / "nan"
+    cfg = EngineConfig(epochs=3, batch_size=8, output_dir=str(out), checkpoint=CheckpointPolicy(str(out)),
+                       method_name="moco", arch="resnet18", workers=0, print_freq=2)
+    opt = torch.optim.SGD(m.encoder_q.parameters(), lr=0.01)
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at epoch 1 .*Last good checkpoint: .*checkpoint_0000"):
+        Trainer(m, opt, lambda e, i, n: 0.01, ds, cfg, DistInfo()).fit()
+    assert (out / "checkpoint_0000.pth.tar").exists() and not (out / "checkpoint_0001.pth.tar").exists()

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Weighted k-nearest-neighbour classification on frozen features (src/eval/knn.py; CaCo's kNN monitor,
+DINO's ``eval_knn.py`` flags).
+
+    python eval_knn.py -a resnet50 --pretrained ckpt/checkpoint_0199.pth.tar --nb_knn 10 20 100 200 /data/imagenet
+    torchrun --nproc_per_node 8 eval_knn.py --data_path /data/imagenet --arch resnet50 --pretrained ...
+
+Bank: L2-normalised features of ``<data>/train``; queries: ``<data>/val``; both with the evaluation
+transform (Resize(size·256/224) + CenterCrop(size)). Each of the k nearest bank images (cosine
+similarity s) votes for its class with weight exp(s/T). Extraction is sharded over the processes and
+gathered, so every process holds the same features and prints the same numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from src import distributed as D
+from src.checkpoint import load_backbone
+from src.cli import train_dir
+from src.data.datasets import ImageDataset
+from src.data.transforms import IMAGENET_STD, SWAV_STD, eval_transform
+from src.errors import UserError, cli_main
+from src.eval.features import extract_features
+from src.eval.knn import knn_accuracy
+from src.eval.linear_data import restrict_classes
+from src.logger import setup_logging
+from src.models.backbones import arch_spec, build_backbone
+
+log = logging.getLogger("ssl")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Weighted kNN evaluation on a frozen backbone")
+    p.add_argument("data", metavar="DIR", nargs="?", default=None, help="dataset root with train/ and val/")
+    p.add_argument("--data", "--data_path", dest="data_opt", default=None, help="same as DIR")
+    p.add_argument("-a", "--arch", default="resnet50")
+    p.add_argument("--pretrained", "--pretrained_weights", dest="pretrained", default="",
+                   help="checkpoint (any known layout); empty: random backbone")
+    p.add_argument("--cifar_stem", action="store_true", help="random backbone only (a checkpoint's stem is detected)")
+    p.add_argument("--nb_knn", "--k", "--knn_k", dest="nb_knn", type=int, nargs="+", default=[20],
+                   help="number(s) of neighbours, e.g. 10 20 100 200")
+    p.add_argument("--temperature", "--knn_t", "-t", dest="temperature", type=float, default=0.2)
+    p.add_argument("-b", "--batch_size", "--batch-size", "--batch_size_per_gpu", dest="batch_size", type=int,
+                   default=128, help="per-process extraction batch")
+    p.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=4)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--swav_std", type=D.str2bool, default=False, help="Normalize with std 0.228 (LORAC/SwAV)")
+    p.add_argument("--data_name", choices=["imagenet100", "imagenet1000"], default=None)
+    p.add_argument("--train_list", default=None, help="file list restricting the bank (e.g. a 1%% split)")
+    p.add_argument("--dump_path", "--output_dir", dest="dump_path", default=None,
+                   help="write knn_results.json here (default: print only)")
+    D.add_dist_args(p)
+    return p
+
+
+def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
+    setup_logging(None, info.rank)
+    tf = eval_transform(args.image_size, SWAV_STD if args.swav_std else IMAGENET_STD)
+    n = 100 if args.data_name == "imagenet100" else None
+    bank_set = ImageDataset(os.path.join(args.data, "train"), tf, file_list=args.train_list,
+                            num_classes=None if args.train_list else n)
+    query_set = restrict_classes(ImageDataset(os.path.join(args.data, "val"), tf), bank_set.classes)
+    if args.pretrained:
+        net = load_backbone(args.pretrained, args.arch)
+        log.info("loaded %s from %s (key prefix %r)", args.arch, args.pretrained, net.loaded_prefix)
+    else:
+        net = build_backbone(args.arch, cifar_stem=args.cifar_stem)
+        log.warning("no --pretrained given: kNN on a RANDOMLY INITIALISED %s backbone", args.arch)
+    net = net.to(info.device).eval()
+    log.info("bank %d images, queries %d images, %d classes, %d processes", len(bank_set), len(query_set),
+             len(bank_set.classes), info.world_size)
+    bank, bank_y = extract_features(net, bank_set, args.batch_size, args.workers, info.device)
+    q, q_y = extract_features(net, query_set, args.batch_size, args.workers, info.device)
+    results = {"arch": args.arch, "pretrained": args.pretrained, "temperature": args.temperature,
+               "bank_images": len(bank_set), "query_images": len(query_set), "knn": {}}
+    for k in args.nb_knn:
+        top1, top5 = knn_accuracy(bank, bank_y, q, q_y, len(bank_set.classes), k, args.temperature)
+        results["knn"][str(k)] = {"top1": top1, "top5": top5}
+        if info.is_main:
+            print(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}", flush=True)
+    if info.is_main:
+        print(json.dumps(results), flush=True)
+        if args.dump_path:
+            os.makedirs(args.dump_path, exist_ok=True)
+            with open(os.path.join(args.dump_path, "knn_results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    if args.data and args.data_opt and os.path.abspath(args.data) != os.path.abspath(args.data_opt):
+        raise UserError(f"two data directories given: {args.data} and {args.data_opt}")
+    args.data = args.data or args.data_opt
+    if not args.data:
+        raise UserError("no data directory: give DIR, --data or --data_path")
+    arch_spec(args.arch)
+    train_dir(args.data)
+    train_dir(args.data, "val")
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        raise UserError(f"--pretrained checkpoint not found: {args.pretrained}")
+    if any(k <= 0 for k in args.nb_knn):
+        raise UserError("--nb_knn values must be positive")
+    D.launch(main_worker, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Linear classification on a frozen backbone: the protocols of MoCo/DisCo ``main_lincls.py``,
+LORAC/SwAV ``eval_linear.py``, SogCLR ``lincls.py``, CaCo ``linear.py`` and PCL ``eval_cls_imagenet.py``.
+
+    # MoCo / DisCo (positional data dir, -b per node)
+    python eval_linear.py -a resnet50 --lr 30 -b 256 --pretrained ckpt/checkpoint_0199.pth.tar \
+        --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 /data/imagenet
+    # LORAC (per-GPU --batch_size, std 0.228)
+    torchrun --nproc_per_node 4 eval_linear.py --data_path /data/imagenet --arch resnet50 --lr 6.0 \
+        --scheduler_type step --dump_path lincls --pretrained exp/checkpoint.pth.tar --batch_size 512 --wd 0.0
+
+``--protocol {moco,disco,pcl,lorac,sogclr,caco}`` picks the paper's recipe (table in
+``src/eval/linear_presets.py`` and the README); explicit flags override it; without it the protocol is
+inferred from the seed command's spelling and printed. Results (``checkpoint.pth.tar`` of the head,
+``log.jsonl``, ``results.json``) go to ``--dump_path`` (default ``./linear_eval``), never into the
+pretraining directory. Data: ``<data>/train`` and ``<data>/val`` (``--train_list`` for a 1 %/10 %
+subset, ``--data_name imagenet100`` for the first 100 classes, ``--dataset cifar10|cifar100`` for
+torchvision's CIFAR batches under ``<data>``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from src import distributed as D
+from src.checkpoint import link_or_copy, save_atomic
+from src.engine import seed_everything
+from src.errors import UserError, cli_main
+from src.eval import linear as L
+from src.eval.linear_data import cifar_datasets, imagenet_datasets
+from src.eval.linear_presets import PRESETS, infer_protocol, resolve_recipe, used_options
+from src.logger import RunLogger, save_args, setup_logging
+from src.models.backbones import arch_spec
+
+log = logging.getLogger("ssl")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Linear evaluation on a frozen backbone (flags of the official "
+                                "lincls/eval_linear scripts; None = the protocol preset)")
+    p.add_argument("data", metavar="DIR", nargs="?", default=None, help="dataset root with train/ and val/")
+    p.add_argument("--data", "--data_path", dest="data_opt", default=None, help="same as DIR (SogCLR/CaCo, LORAC)")
+    p.add_argument("--protocol", choices=sorted(PRESETS), default=None,
+                   help="recipe preset; default: inferred from the flag spellings (see src/eval/linear_presets.py)")
+    p.add_argument("--dataset", default="imagenet", type=str.lower, choices=["imagenet", "cifar10", "cifar100"],
+                   help="cifar10/cifar100: torchvision CIFAR batches under DIR (DisCo cifar_main_lincls.py)")
+    p.add_argument("--data_name", choices=["imagenet100", "imagenet1000"], default=None,
+                   help="SogCLR: imagenet100 = the first 100 class folders")
+    p.add_argument("--train_list", default=None, help="file list of the training subset (SimCLR 1%%/10%% split, "
+                   "or '<relative path> [label]' lines)")
+    p.add_argument("-a", "--arch", default="resnet50")
+    p.add_argument("--pretrained", default="", help="pretraining checkpoint (any known layout); empty: random backbone")
+    p.add_argument("--model_prefix", default=None, help="LORAC: accepted; the key layout is detected automatically")
+    p.add_argument("--cifar_stem", action="store_true", help="random backbone only (a checkpoint's stem is detected)")
+    p.add_argument("--global_pooling", type=D.str2bool, default=True)
+    p.add_argument("--use_bn", type=D.str2bool, default=False)
+    p.add_argument("--num_classes", type=int, default=None, help="classifier outputs (default: classes of the data)")
+    g = p.add_argument_group("optimisation (default None = protocol preset)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", type=int, default=0,
+                   help="ignored: the epoch comes from the resumed checkpoint")
+    g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                   help="per node (moco/disco/pcl/caco), per process (lorac) or global (sogclr)")
+    g.add_argument("--lr", "--learning-rate", "--learning_rate", dest="lr", type=float, default=None,
+                   help="base lr (sogclr/caco scale it by b/256)")
+    g.add_argument("--schedule", "--decay_epochs", dest="schedule", type=int, nargs="*", default=None,
+                   help="step milestones (an empty list = constant lr)")
+    g.add_argument("--gamma", type=float, default=None, help="step factor")
+    g.add_argument("--scheduler_type", choices=["step", "cosine", "constant"], default=None)
+    g.add_argument("--cos", action="store_true", help="per-epoch cosine (same as --scheduler_type cosine)")
+    g.add_argument("--final_lr", type=float, default=None, help="cosine end value (default 0)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--wd", "--weight-decay", "--weight_decay", dest="wd", type=float, default=None)
+    g.add_argument("--nesterov", type=D.str2bool, nargs="?", const=True, default=False)
+    g.add_argument("--optimizer", choices=["sgd", "larc"], default=None)
+    g.add_argument("--std", type=float, nargs=3, default=None, help="Normalize std (lorac preset: 0.228 0.224 0.225)")
+    p.add_argument("-j", "--workers", type=int, default=None)
+    p.add_argument("--val_batch_size", type=int, default=None, help="per-process evaluation batch (default 256)")
+    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", type=int, default=10)
+    p.add_argument("--resume", default="", help="head checkpoint (default: <dump_path>/checkpoint.pth.tar if present)")
+    p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the (resumed) head on val")
+    p.add_argument("--seed", type=int, default=None, help="head init and data order seed (default 0)")
+    p.add_argument("--dump_path", "--output_dir", "--output-dir", dest="dump_path", default=None,
+                   help="output directory (default ./linear_eval; SogCLR --save_dir and PCL --id derive one)")
+    p.add_argument("--save_dir", default=None, help="SogCLR: output under <save_dir>/linear_eval_<pretraining dir>")
+    p.add_argument("--id", default=None, help="PCL: run name, output under ./linear_eval/<id>")
+    p.add_argument("--checkpoint_freq", type=int, default=10, help="copy the head to checkpoints/ckp-<epoch>.pth")
+    p.add_argument("--image_size", type=int, default=224, help="crop size (eval resize = size*256/224)")
+    p.add_argument("--max_iters", type=int, default=None, help="training iterations per epoch cap (smoke tests)")
+    D.add_dist_args(p, dist_url_default="tcp://224.66.41.62:23456")
+    return p
+
+
+def resolve_paths(args: argparse.Namespace) -> None:
+    if args.data and args.data_opt and os.path.abspath(args.data) != os.path.abspath(args.data_opt):
+        raise UserError(f"two data directories given: {args.data} and {args.data_opt}")
+    args.data = args.data or args.data_opt
+    if not args.data:
+        raise UserError("no data directory: give DIR, --data or --data_path")
+    if not os.path.isdir(args.data):
+        raise UserError(f"data directory not found: {args.data}")
+    if args.dump_path is None:
+        if args.save_dir:
+            parent = os.path.basename(os.path.dirname(os.path.abspath(args.pretrained))) if args.pretrained else "random"
+            args.dump_path = os.path.join(args.save_dir, f"linear_eval_{parent}")
+        elif args.id:
+            args.dump_path = os.path.join("linear_eval", args.id)
+        else:
+            args.dump_path = "linear_eval"
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        raise UserError(f"--pretrained checkpoint not found: {args.pretrained}")
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"--resume checkpoint not found: {args.resume}")
+    L.check_dump_path(args.dump_path, args.pretrained)
+
+
+def build_data(args: argparse.Namespace, std, seed: int):
+    if args.dataset != "imagenet":
+        return cifar_datasets(args.data, args.dataset, args.image_size, std, seed)
+    n = 100 if args.data_name == "imagenet100" else None
+    return imagenet_datasets(args.data, args.image_size, std, args.train_list, n, seed)
+
+
+def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
+    setup_logging(args.dump_path, info.rank, name="linear.log")
+    r = resolve_recipe(args, args.protocol_resolved, info.world_size, info.local_world_size)
+    log.info("%s (protocol from %s)", r.describe(), args.protocol_reason)
+    log.info("processes %d (device %s) | output %s", info.world_size, info.device, os.path.abspath(args.dump_path))
+    seed = args.seed if args.seed is not None else 0
+    seed_everything(seed)
+    train_set, val_set = build_data(args, r.std, seed)
+    n_cls = args.num_classes or len(train_set.classes)
+    if n_cls < len(train_set.classes):
+        raise UserError(f"--num_classes {n_cls} is smaller than the {len(train_set.classes)} classes of the data")
+    log.info("train %d images, val %d images, %d classes", len(train_set), len(val_set), len(train_set.classes))
+    dev = info.device
+    backbone = L.frozen_backbone(args.pretrained, args.arch, cifar_stem=args.cifar_stem,
+                                 global_pooling=args.global_pooling).to(dev)
+    detected = getattr(backbone, "loaded_prefix", None)
+    if args.model_prefix and detected is not None and detected.rstrip(".") != args.model_prefix.rstrip("."):
+        log.info("--model_prefix %s ignored: the checkpoint layout %r was detected and fully loaded",
+                 args.model_prefix, detected)
+    reference = L.snapshot(backbone)
+    fdim = arch_spec(args.arch).feat_dim
+    msize = 1 if args.global_pooling else L.feature_map_size(backbone, fdim, args.image_size, dev)
+    head = L.LinearClassifier(fdim, n_cls, args.global_pooling, args.use_bn, msize).to(dev)
+    optimizer = L.build_optimizer(head.parameters(), r)
+    model = head
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(head, device_ids=[dev] if dev.type == "cuda" else None)
+    start, best, best_epoch = 0, -1.0, -1
+    ck_path = args.resume or os.path.join(args.dump_path, "checkpoint.pth.tar")
+    if os.path.isfile(ck_path):
+        ck = L.load_head(ck_path, head, optimizer)
+        start, best, best_epoch = int(ck["epoch"]), float(ck["best_acc1"]), int(ck["best_epoch"])
+        log.info("resumed the linear head from %s at epoch %d (best top-1 %.2f)", ck_path, start, best)
+    logger = RunLogger(args.dump_path, active=info.is_main)
+    if info.is_main:
+        save_args(args, args.dump_path, "linear_args.json")
+    results = {"protocol": r.protocol, "arch": args.arch, "pretrained": args.pretrained, "lr": r.lr,
+               "global_batch": r.global_batch, "epochs": r.epochs, "resumed_from_epoch": start}
+    try:
+        if args.evaluate:
+            m = L.validate(backbone, model, val_set, r.val_batch_size, r.workers, dev)
+            log.info("evaluation: top-1 %.2f top-5 %.2f loss %.4f on %d images", m["acc1"], m["acc5"], m["loss"], m["n"])
+            results.update(eval_acc1=m["acc1"], eval_acc5=m["acc5"], eval_loss=m["loss"], val_images=m["n"])
+            _write_results(info, args.dump_path, results, "eval_results.json")
+            return
+        loader, sampler = L.make_train_loader(train_set, r.per_process_batch, r.workers, dev, seed)
+        v = None
+        meta = {"arch": args.arch, "protocol": r.protocol, "num_classes": n_cls}
+        for epoch in range(start, r.epochs):
+            sampler.set_epoch(epoch)
+            lr = L.epoch_lr(r, epoch)
+            t = L.train_one_epoch(backbone, model, loader, optimizer, lr, epoch, dev, args.max_iters, args.print_freq)
+            v = L.validate(backbone, model, val_set, r.val_batch_size, r.workers, dev)
+            if v["acc1"] > best:
+                best, best_epoch = v["acc1"], epoch
+            log.info("epoch %d: lr %.4g train loss %.4f top-1 %.2f | val loss %.4f top-1 %.2f top-5 %.2f | best %.2f",
+                     epoch, lr, t["loss"], t["acc1"], v["loss"], v["acc1"], v["acc5"], best)
+            logger.write({"epoch": epoch, "lr": lr, "train_loss": t["loss"], "train_acc1": t["acc1"],
+                          "train_acc5": t["acc5"], "val_loss": v["loss"], "val_acc1": v["acc1"],
+                          "val_acc5": v["acc5"], "best_acc1": best}, step=epoch, prefix="linear/")
+            if info.is_main:
+                path = os.path.join(args.dump_path, "checkpoint.pth.tar")
+                save_atomic(L.head_state(model, optimizer, epoch + 1, best, best_epoch, vars(args), meta), path)
+                if args.checkpoint_freq and (epoch + 1) % args.checkpoint_freq == 0:
+                    os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
+                    link_or_copy(path, os.path.join(args.dump_path, "checkpoints", f"ckp-{epoch}.pth"))
+            D.barrier()
+        L.sanity_check(backbone, reference)
+        if v is None:  # resumed at the end: report the stored head
+            v = L.validate(backbone, model, val_set, r.val_batch_size, r.workers, dev)
+        results.update(best_acc1=best, best_epoch=best_epoch, last_acc1=v["acc1"], last_acc5=v["acc5"],
+                       last_val_loss=v["loss"], val_images=v["n"])
+        log.info("linear evaluation done: best top-1 %.2f (epoch %d), last top-1 %.2f, last top-5 %.2f",
+                 best, best_epoch, v["acc1"], v["acc5"])
+        _write_results(info, args.dump_path, results, "results.json")
+    finally:
+        logger.close()
+
+
+def _write_results(info: D.DistInfo, dump: str, results: dict, name: str) -> None:
+    if info.is_main:
+        with open(os.path.join(dump, name), "w") as f:
+            json.dump(results, f, indent=2)
+        print(json.dumps(results), flush=True)
+
+
+@cli_main
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_parser().parse_args(argv)
+    args.protocol_resolved, args.protocol_reason = infer_protocol(args, used_options(argv))
+    arch_spec(args.arch)
+    resolve_paths(args)
+    resolve_recipe(args, args.protocol_resolved)  # flag errors before any process starts
+    if args.dataset == "imagenet":
+        from src.cli import train_dir
+        train_dir(args.data)
+    os.makedirs(args.dump_path, exist_ok=True)
+    D.launch(main_worker, args)
+
+
+if __name__ == "__main__":
+    main()

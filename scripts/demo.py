@@ -78,16 +78,7 @@ def main() -> None:
 
 
 def _knn_top1(res: dict) -> float:
-    """knn_results.json → top-1 at k=20 (accepts a few layouts)."""
-    if "20" in res.get("results", {}):
-        return float(res["results"]["20"]["top1"])
-    for key in ("k20", "20"):
-        if key in res:
-            v = res[key]
-            return float(v["top1"] if isinstance(v, dict) else v)
-    if "top1" in res:
-        return float(res["top1"])
-    raise KeyError(f"no k=20 top-1 in {res}")
+    return float(res["knn"]["20"]["top1"])
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ class SwAVCosineLR:
         t = epoch * iters + it
         nw = iters * self.warmup_epochs
         if t < nw:  # numpy.linspace(start, base, nw)[t]
-            return self.start_warmup + (self.base_lr - self.start_warmup) * (t / (nw - 1) if nw > 1 else 1.0)
+            return self.start_warmup + (self.base_lr - self.start_warmup) * (t / (nw - 1) if nw > 1 else 0.0)
         T = iters * (self.epochs - self.warmup_epochs)
         return self.final_lr + 0.5 * (self.base_lr - self.final_lr) * (1 + math.cos(math.pi * (t - nw) / T))
 

@@ -78,6 +78,18 @@ def test_disco_r18_baseline_single_process_then_eval(tmp_path, tiny_folder, repo
     # the backbone of the checkpoint loads strictly (query encoder, not the momentum one)
     bb = load_backbone(str(out / "checkpoint_0001.pth.tar"), "resnet18")
     assert torch.equal(bb.state_dict()["layer4.1.bn2.weight"], sd["module.encoder_q.layer4.1.bn2.weight"])
+    # ... and in both evaluation scripts
+    ck1 = str(out / "checkpoint_0001.pth.tar")
+    r = _run([sys.executable, "eval_knn.py", "-a", "resnet18", "--pretrained", ck1, "--image_size", "32", "-j", "0",
+              "--nb_knn", "5", "--dump_path", str(tmp_path / "knn"), tiny_folder], repo_root)
+    assert "module.encoder_q." in r.stdout + r.stderr
+    knn = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
+    assert 0 <= knn["knn"]["5"]["top1"] <= 100 and knn["query_images"] == 16
+    r = _run([sys.executable, "eval_linear.py", "-a", "resnet18", "--pretrained", ck1, "--image_size", "32", "-j", "0",
+              "--epochs", "1", "-b", "8", "--lr", "3.0", "--dump_path", str(tmp_path / "lin"), tiny_folder], repo_root)
+    assert "module.encoder_q." in r.stdout + r.stderr
+    res = json.loads((tmp_path / "lin" / "results.json").read_text())
+    assert 0 <= res["last_acc1"] <= 100 and res["best_acc1"] >= res["last_acc1"]
 
 
 @pytest.mark.slow

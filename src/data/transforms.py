@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
@@ -35,7 +36,7 @@ class PILRandomGaussianBlur:
         self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        if random.random() > self.p:
+        if not np.random.rand() <= self.p:  # SwAV's coin flip (numpy), then the radius from ``random``
             return img
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
 

@@ -258,42 +258,30 @@ def gather_variable(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b[:s] for b, s in zip(buf, sizes)], 0)
 
 
-class _GatherLocalGrad(torch.autograd.Function):
-    """all_gather whose backward returns only this rank's slice of the incoming gradient
-    (the official SogCLR ``all_gather_layer``): the gradient other ranks' anchors put on this
-    rank's features is dropped."""
+class _GatherWithGrad(torch.autograd.Function):
+    """Differentiable all_gather. Backward with ``full=True``: the gradient of every rank's loss
+    is summed (all-reduce) and this rank's slice returned, i.e. the exact gradient of the global
+    objective. ``full=False``: only this rank's slice of its own incoming gradient (the official
+    SogCLR ``all_gather_layer``): what other ranks' anchors put on this rank's features is dropped."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, full: bool):
+        ctx.full = full
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads):
-        return grads[dist.get_rank()].contiguous()
-
-
-class _GatherFullGrad(torch.autograd.Function):
-    """all_gather whose backward sums the gradient of every rank's loss (all-reduce), i.e. the
-    exact gradient of the global objective with respect to this rank's features."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
+        if not ctx.full:
+            return grads[dist.get_rank()].contiguous(), None
         g = torch.stack(grads).contiguous()
         dist.all_reduce(g)
-        return g[dist.get_rank()]
+        return g[dist.get_rank()], None
 
 
 def gather_with_grad(t: torch.Tensor, full_grad: bool = True) -> torch.Tensor:
     """Differentiable all_gather (rank order). ``full_grad=False`` is the official SogCLR variant."""
     if not is_dist():
         return t
-    fn = _GatherFullGrad if full_grad else _GatherLocalGrad
-    return torch.cat(fn.apply(t), 0)
+    return torch.cat(_GatherWithGrad.apply(t, full_grad), 0)

@@ -23,6 +23,7 @@ from src.cli import train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import IMAGENET_STD, SWAV_STD, eval_transform
 from src.errors import UserError, cli_main
+from src.engine import seed_everything
 from src.eval.features import extract_features
 from src.eval.knn import knn_accuracy
 from src.eval.linear_data import restrict_classes
@@ -40,7 +41,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", "--pretrained_weights", dest="pretrained", default="",
                    help="checkpoint (any known layout); empty: random backbone")
     p.add_argument("--cifar_stem", action="store_true", help="random backbone only (a checkpoint's stem is detected)")
-    p.add_argument("--nb_knn", "--k", "--knn_k", dest="nb_knn", type=int, nargs="+", default=[20],
+    p.add_argument("--nb_knn", "--k", "--knn_k", dest="nb_knn", nargs="+", default=[20],
                    help="number(s) of neighbours, e.g. 10 20 100 200")
     p.add_argument("--temperature", "--knn_t", "-t", dest="temperature", type=float, default=0.2)
     p.add_argument("-b", "--batch_size", "--batch-size", "--batch_size_per_gpu", dest="batch_size", type=int,
@@ -50,6 +51,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--swav_std", type=D.str2bool, default=False, help="Normalize with std 0.228 (LORAC/SwAV)")
     p.add_argument("--data_name", choices=["imagenet100", "imagenet1000"], default=None)
     p.add_argument("--train_list", default=None, help="file list restricting the bank (e.g. a 1%% split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random backbone's initialisation")
     p.add_argument("--dump_path", "--output_dir", dest="dump_path", default=None,
                    help="write knn_results.json here (default: print only)")
     D.add_dist_args(p)
@@ -67,6 +69,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
         net = load_backbone(args.pretrained, args.arch)
         log.info("loaded %s from %s (key prefix %r)", args.arch, args.pretrained, net.loaded_prefix)
     else:
+        seed_everything(args.seed)
         net = build_backbone(args.arch, cifar_stem=args.cifar_stem)
         log.warning("no --pretrained given: kNN on a RANDOMLY INITIALISED %s backbone", args.arch)
     net = net.to(info.device).eval()
@@ -89,9 +92,21 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
                 json.dump(results, f, indent=2)
 
 
+def _split_trailing_dir(args: argparse.Namespace) -> None:
+    """``--nb_knn 10 20 /data``: argparse hands the data directory to ``--nb_knn``; take it back."""
+    ks = [str(k) for k in args.nb_knn]
+    if ks and not ks[-1].lstrip("-").isdigit() and args.data is None:
+        args.data = ks.pop()
+    bad = [k for k in ks if not k.lstrip("-").isdigit()]
+    if bad or not ks:
+        raise UserError(f"--nb_knn takes integers (got {' '.join(map(str, args.nb_knn))})")
+    args.nb_knn = [int(k) for k in ks]
+
+
 @cli_main
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
+    _split_trailing_dir(args)
     if args.data and args.data_opt and os.path.abspath(args.data) != os.path.abspath(args.data_opt):
         raise UserError(f"two data directories given: {args.data} and {args.data_opt}")
     args.data = args.data or args.data_opt

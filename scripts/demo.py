@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--linear_epochs", type=int, default=30)
     p.add_argument("--out", default=os.path.join(ROOT, "demo_out"))
     p.add_argument("--data", default=os.path.join(ROOT, "data", "digits"))
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     py = sys.executable
     from src.data.builtin import make_digits_folder
@@ -47,8 +47,8 @@ def main() -> None:
     print(f"digits: {ntr} train / {nva} val images (32 px) in {args.data}")
 
     pre = os.path.join(args.out, "moco")
-    t_pre = run([py, "main_moco.py", "-a", "resnet18", "--image_size", "32", "-b", "64", "--lr", "0.06", "--mlp",
-                 "--moco-t", "0.2", "--moco-k", "1024", "--aug-plus", "--cos", "--epochs", str(args.epochs),
+    t_pre = run([py, "main_moco.py", "-a", "resnet18", "--image_size", "32", "-b", "64", "--lr", "0.015", "--mlp",
+                 "--moco-t", "0.2", "--moco-k", "256", "--aug-plus", "--cos", "--epochs", str(args.epochs),
                  "-j", str(args.workers), "--print-freq", "19", "--knn_freq", str(max(args.epochs // 4, 1)),
                  "--output_dir", pre, args.data])
     ckpt = os.path.join(pre, f"checkpoint_{args.epochs - 1:04d}.pth.tar")

@@ -194,6 +194,7 @@ class Trainer:
                             f"{self.cfg.method_name} / {self.cfg.arch}: use another --output_dir or --resume")
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt["state_dict"].items()}
         try:
+            sd = self.method.state_dict_from_checkpoint(sd, ckpt)
             self.method.load_state_dict(sd, strict=True)
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:

@@ -120,3 +120,15 @@ def test_eval_knn_bad_input_one_line(tiny_folder, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_nb_knn_list_before_positional_dir_and_seeded_random_backbone(tiny_folder, capsys):
+    """``--nb_knn 3 5 DIR`` (DINO-style list, then the data directory) parses; a random backbone is
+    seeded, so two runs print the same numbers."""
+    import eval_knn
+    outs = []
+    for _ in range(2):
+        eval_knn.main(["-a", "resnet18", "--image_size", "32", "-j", "0", "--nb_knn", "3", "5", tiny_folder])
+        outs.append([line for line in capsys.readouterr().out.splitlines() if "NN classifier" in line])
+    assert len(outs[0]) == 2 and outs[0] == outs[1]
+    assert outs[0][0].startswith("3-NN") and outs[0][1].startswith("5-NN")

@@ -60,6 +60,11 @@ class ContrastiveMethod(nn.Module):
         """Extra top-level checkpoint keys of the official layout (e.g. SogCLR's ``u``)."""
         return {}
 
+    def state_dict_from_checkpoint(self, state_dict: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:
+        """The state dict to resume from (``module.`` already stripped). Methods whose official
+        checkpoints keep state outside ``state_dict`` (SogCLR's top-level ``u``) move it in here."""
+        return state_dict
+
 
 @torch.no_grad()
 def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:

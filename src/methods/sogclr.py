@@ -126,11 +126,17 @@ class SogCLR(ContrastiveMethod):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.base_encoder]
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if strict and "u" not in state_dict and any(k.startswith("base_encoder.") for k in state_dict):
-            raise RuntimeError("the checkpoint's state_dict has no 'u' (an official SogCLR checkpoint keeps it "
-                               "outside): resuming it is not supported; evaluate it with eval_linear.py --pretrained")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    def state_dict_from_checkpoint(self, state_dict: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:
+        """An official checkpoint keeps ``u`` (N×1, N hard-coded: 1281167+1 for ImageNet-1k, 129395+1
+        for ImageNet-100) outside ``state_dict``: its first ``len(dataset)`` entries are this run's u
+        (the dataset index is the position in the sorted sample list in both codes)."""
+        if "u" in state_dict or "u" not in ckpt:
+            return state_dict
+        u = ckpt["u"].reshape(-1)
+        n = self.u.numel()
+        if u.numel() < n:
+            raise RuntimeError(f"the checkpoint's u has {u.numel()} entries, fewer than the {n} training images")
+        return {**state_dict, "u": u[:n].to(self.u.dtype)}
 
     def extra_checkpoint_items(self) -> dict[str, Any]:
         """The official top-level ``u``: an N×1 CPU float tensor (A6)."""

@@ -75,12 +75,12 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     net = net.to(info.device).eval()
     log.info("bank %d images, queries %d images, %d classes, %d processes", len(bank_set), len(query_set),
              len(bank_set.classes), info.world_size)
-    bank, bank_y = extract_features(net, bank_set, args.batch_size, args.workers, info.device)
+    bank, bank_y = extract_features(net, bank_set, args.batch_size, args.workers, info.device, gather=False)
     q, q_y = extract_features(net, query_set, args.batch_size, args.workers, info.device)
     results = {"arch": args.arch, "pretrained": args.pretrained, "temperature": args.temperature,
                "bank_images": len(bank_set), "query_images": len(query_set), "knn": {}}
     for k in args.nb_knn:
-        top1, top5 = knn_accuracy(bank, bank_y, q, q_y, len(bank_set.classes), k, args.temperature)
+        top1, top5 = knn_accuracy(bank, bank_y, q, q_y, len(bank_set.classes), k, args.temperature, sharded=True)
         results["knn"][str(k)] = {"top1": top1, "top5": top5}
         if info.is_main:
             print(f"{k}-NN classifier result: Top1: {top1:.2f}, Top5: {top5:.2f}", flush=True)

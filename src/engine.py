@@ -122,10 +122,10 @@ class KnnMonitor:
             D.broadcast_(b, 0)
         net = method.backbone()
         fb, yb = extract_features(net, self.bank, cfg.knn_batch_size, cfg.workers, device,
-                                  channels_last=cfg.channels_last)
+                                  channels_last=cfg.channels_last, gather=False)  # bank stays sharded
         fq, yq = extract_features(net, self.queries, cfg.knn_batch_size, cfg.workers, device,
                                   channels_last=cfg.channels_last)
-        return knn_accuracy(fb, yb, fq, yq, self.num_classes, cfg.knn_k, cfg.knn_t)
+        return knn_accuracy(fb, yb, fq, yq, self.num_classes, cfg.knn_k, cfg.knn_t, sharded=True)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -132,3 +132,23 @@ def test_nb_knn_list_before_positional_dir_and_seeded_random_backbone(tiny_folde
         outs.append([line for line in capsys.readouterr().out.splitlines() if "NN classifier" in line])
     assert len(outs[0]) == 2 and outs[0] == outs[1]
     assert outs[0][0].startswith("3-NN") and outs[0][1].startswith("5-NN")
+
+
+def _sharded_knn_rank(rank, world_size, bank, labels, q, k):
+    from src.eval.knn import knn_predict as kp
+    shard = slice(rank, None, world_size)  # uneven shards: 11 images over 2 ranks
+    return kp(bank[shard], labels[shard], q, 5, k=k, T=0.1, chunk=3, sharded=True)
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_sharded_bank_equals_single_process(k):
+    """Each rank holds every second bank image; k = 7 exceeds one shard (5 or 6 images)."""
+    from tests.dist_utils import run_distributed
+    g = torch.Generator().manual_seed(3)
+    bank = torch.nn.functional.normalize(torch.randn(11, 8, generator=g), dim=1)
+    labels = torch.randint(0, 5, (11,), generator=g)
+    q = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    single = knn_predict(bank, labels, q, 5, k=k, T=0.1)
+    outs = run_distributed(_sharded_knn_rank, 2, bank, labels, q, k)
+    for o in outs:
+        assert torch.allclose(o, single, atol=1e-6)

@@ -18,9 +18,11 @@ def make_eval_loader(dataset: Dataset, batch_size: int, workers: int, device: to
 
 @torch.no_grad()
 def extract_features(net: nn.Module, dataset: Dataset, batch_size: int, workers: int, device: torch.device,
-                     normalize: bool = True, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     normalize: bool = True, channels_last: bool = False, gather: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N×D, L2-normalised if ``normalize``) and labels of every image of ``dataset``, in
-    dataset order, on every rank. ``net`` is put in eval mode and restored afterwards."""
+    dataset order, on every rank. ``gather=False``: only this rank's shard (images r, r+W, ...),
+    for a sharded kNN bank. ``net`` is put in eval mode and restored afterwards."""
     was_training = net.training
     net.eval()
     feats, labels, idxs = [], [], []
@@ -34,6 +36,9 @@ def extract_features(net: nn.Module, dataset: Dataset, batch_size: int, workers:
     f = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     i = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long, device=device)
+    if not gather:
+        net.train(was_training)
+        return f, y
     f, y, i = D.gather_variable(f), D.gather_variable(y), D.gather_variable(i)
     out_f = torch.empty(len(dataset), f.shape[1], device=device)
     out_y = torch.empty(len(dataset), dtype=torch.long, device=device)

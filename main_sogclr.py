@@ -85,7 +85,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="all-reduce the gradient of the feature gather (exact gradient of the global loss); "
                         "default false = the official all_gather_layer, which keeps only the local slice")
     g.add_argument("--u_update", "--u-update", dest="u_update", default="mean", choices=["mean", "sum"],
-                   help="u write-back: (u1+u2)/2 (official HEAD) or u1+u2 (official before commit e944141, TF)")
+                   help="u write-back: (u1+u2)/2 (official HEAD) or u1+u2 (the PyTorch code before commit e944141; it keeps the first-visit rule, which the TF original lacks)")
     g.add_argument("--train_list", default=None, help="file list of the training subset (lines '<relpath> [label]')")
     g.add_argument("--val_list", default=None, help="file list of the validation subset (kNN monitor)")
     add_engine_args(p, fp16_default=True)

@@ -51,8 +51,8 @@ def _images(folder: str) -> list[str]:
     return out
 
 
-def select(args: argparse.Namespace) -> dict[str, list[tuple[str, str]]]:
-    """split → [(absolute source path, class)], for every split present in ``--src``."""
+def select(args: argparse.Namespace) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+    """(the subset's classes, split → [(absolute source path, class)] for every split in ``--src``)."""
     train_classes = find_classes(os.path.join(args.src, "train"))
     lists = {"train": args.train_list, "val": args.val_list}
     if args.num_classes is not None:
@@ -94,7 +94,7 @@ def select(args: argparse.Namespace) -> dict[str, list[tuple[str, str]]]:
         if absent:
             raise UserError(f"{sdir} lacks {len(absent)} of the subset's class folders, e.g. {absent[0]}")
         out[split] = [(p, c) for c in classes for p in _images(os.path.join(sdir, c))]
-    return out
+    return classes, out
 
 
 def _place(src: str, dst: str, copy: bool) -> bool:
@@ -115,11 +115,10 @@ def _place(src: str, dst: str, copy: bool) -> bool:
 
 
 def build(args: argparse.Namespace) -> dict[str, int]:
-    chosen = select(args)
+    classes, chosen = select(args)
+    label = {c: i for i, c in enumerate(classes)}  # one label map for every split: the subset's classes
     counts = {}
     for split, pairs in chosen.items():
-        classes = sorted({c for _, c in pairs})
-        label = {c: i for i, c in enumerate(classes)}
         lines, written = [], 0
         for path, cls in pairs:
             rel = f"{split}/{cls}/{os.path.basename(path)}"
@@ -128,7 +127,7 @@ def build(args: argparse.Namespace) -> dict[str, int]:
         with open(os.path.join(args.dst, f"{split}.txt"), "w") as f:
             f.writelines(lines)
         counts[split] = len(pairs)
-        print(f"{split}: {len(pairs)} images in {len(classes)} classes ({written} new) -> {args.dst}/{split}")
+        print(f"{split}: {len(pairs)} images in {len({c for _, c in pairs})} classes ({written} new) -> {args.dst}/{split}")
     return counts
 
 

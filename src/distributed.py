@@ -115,8 +115,7 @@ def _spawn_worker(local_rank: int, fn: Callable, args, nproc: int, node_rank: in
     try:
         fn(info, args)
     except UserError as e:  # one clear line from the worker, then a non-zero exit of the whole run
-        if info.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" if info.rank == 0 else f"error: [rank {info.rank}] {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         cleanup()
@@ -144,7 +143,7 @@ def launch(fn: Callable[[DistInfo, argparse.Namespace], None], args: argparse.Na
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and not args.multiprocessing_distributed:
         info = DistInfo(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
                         local_rank=int(env.get("SLURM_LOCALID", 0)),
-                        local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+                        local_world_size=slurm_tasks_per_node(env))
         info.device = _pick_device(info.local_rank, None)
         url = "env://" if "MASTER_ADDR" in env else args.dist_url
         if url == "env://" or _is_unreachable_default(url):
@@ -179,6 +178,13 @@ def launch(fn: Callable[[DistInfo, argparse.Namespace], None], args: argparse.Na
         return
     info = DistInfo(device=_pick_device(0, args.gpu))
     fn(info, args)
+
+
+def slurm_tasks_per_node(env) -> int:
+    """Tasks on this node: ``SLURM_NTASKS_PER_NODE`` when ``--ntasks-per-node`` was given, else
+    the first entry of the always-present ``SLURM_TASKS_PER_NODE`` (``8(x2)`` or ``8,4``)."""
+    v = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    return int(v.split(",")[0].split("(")[0])
 
 
 def _is_unreachable_default(url: str) -> bool:

@@ -142,10 +142,13 @@ class Trainer:
             log.info("--%s requested but no GPU: training in fp32", cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:
+            method.to(memory_format=torch.channels_last)
         self.sampler = EpochSampler(len(train_set), info.world_size, info.rank, shuffle=True, seed=cfg.seed)
         self.loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=self.sampler,
                                  num_workers=cfg.workers, pin_memory=cuda, drop_last=True,
-                                 persistent_workers=cfg.workers > 0, collate_fn=collate_crops)
+                                 persistent_workers=cfg.workers > 0, collate_fn=collate_crops,
+                                 generator=torch.Generator().manual_seed(cfg.seed))  # never draws from the global RNG
         if len(self.loader) == 0:
             raise UserError(f"the training set has {len(train_set)} images: fewer than one batch of "
                             f"{cfg.batch_size} per process x {info.world_size} processes; lower the batch size")

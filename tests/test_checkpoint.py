@@ -117,9 +117,26 @@ def test_dataset_errors_and_corrupt_images(tmp_path, tiny_folder):
     shutil.copytree(os.path.join(tiny_folder, "train"), root)
     bad = root / "class_000" / "img_0000.png"
     bad.write_bytes(b"not a png")
-    ds = ImageDataset(str(root))
+    from src.data.transforms import eval_transform
+    ds = ImageDataset(str(root), eval_transform(32))
     img, target, index = ds[0]
-    assert index == 1 and target == 0 and ds.num_skipped == 1
+    assert index == 0 and target == 0 and ds.num_skipped == 1  # index stays positional
+    assert torch.equal(img, ds[1][0])  # the next readable image stands in
+    # gathered evaluation features have a finite row and a valid label for every position
+    from src.eval.features import extract_features
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    f, y = extract_features(net, ds, 5, 0, torch.device("cpu"))
+    assert torch.isfinite(f).all() and y.tolist() == ds.targets
+
+
+def test_file_list_with_missing_files(tmp_path, tiny_folder):
+    root = os.path.join(tiny_folder, "train")
+    lst = tmp_path / "list.txt"
+    lst.write_text("class_000/img_0000.png\nclass_001/img_0001.png\nclass_001/nope.png\n")
+    ds = ImageDataset(root, file_list=str(lst))
+    assert len(ds) == 2 and ds.classes == ["class_000", "class_001"]
+    with pytest.raises(UserError, match="3 of the 3 files .* wrong data root"):
+        ImageDataset(str(tmp_path), file_list=str(lst))
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -130,13 +130,16 @@ SEED_COMMANDS = {  # linear-eval commands of the seed READMEs, script name chang
               "--pretrained /p/run/checkpoint_0799.pth.tar --data_name imagenet1000 --data D --save_dir S",
     "caco": "-a resnet50 --lr 0.025 --batch-size 4096 --pretrained C --dist-url tcp://localhost:10001 "
             "--multiprocessing-distributed --world-size 1 --rank 0 --data D",
-    "moco": "-a resnet50 --learning-rate 3.0 --batch-size 256 --dist-url tcp://localhost:10001 "
-            "--multiprocessing-distributed --world-size 1 --rank 0 --pretrained C D",
+    "disco": "-a resnet50 --learning-rate 3.0 --batch-size 256 --dist-url tcp://localhost:10001 "
+             "--multiprocessing-distributed --world-size 1 --rank 0 --pretrained C D",
+    "moco": "-a resnet50 --lr 30.0 --batch-size 256 --pretrained C --dist-url tcp://localhost:10001 "
+            "--multiprocessing-distributed --world-size 1 --rank 0 D",
     "pcl": "--pretrained C -a resnet50 --lr 5 --batch-size 256 --id ImageNet_linear --dist-url tcp://localhost:10001 "
            "--multiprocessing-distributed --world-size 1 --rank 0 D",
 }
 EXPECTED = {"lorac": (6.0, 512, 4096, "step"), "sogclr": (0.4, 128, 1024, "cosine"),
-            "caco": (0.4, 512, 4096, "cosine"), "moco": (3.0, 32, 256, "step"), "pcl": (5.0, 32, 256, "step")}
+            "caco": (0.4, 512, 4096, "cosine"), "disco": (3.0, 32, 256, "step"), "moco": (30.0, 32, 256, "step"),
+            "pcl": (5.0, 32, 256, "step")}
 
 
 @pytest.mark.parametrize("name", sorted(SEED_COMMANDS))
@@ -330,3 +333,20 @@ def test_torchrun_two_processes_match_single_process(tiny_folder, moco_ckpt, tmp
     assert l1[0]["train_acc1"] == l2[0]["train_acc1"] and l1[0]["train_loss"] == pytest.approx(l2[0]["train_loss"], rel=1e-4)
     ev_res = json.load(open(os.path.join(ev, "eval_results.json")))
     assert ev_res["eval_acc1"] == r1["last_acc1"] and ev_res["eval_loss"] == pytest.approx(r1["last_val_loss"], rel=1e-6)
+
+
+def test_disco_seed_linear_commands_infer_disco():
+    """DisCo's README spells --learning-rate: with only the script name changed, its linear command
+    gets DisCo's recipe (lr 3, ×0.5 at 11 milestones); main_lincls_semi (a --train_list subset)
+    steps ×0.5 at [60, 80] (disco_pcl_evals.md C2, C3). MoCo's --lr spelling stays moco."""
+    seed = ["-a", "efficientb0", "--learning-rate", "3.0", "--batch-size", "256", "--dist-url", "tcp://localhost:10001",
+            "--multiprocessing-distributed", "--world-size", "1", "--rank", "0", "--pretrained", "ck", "/dev/shm/"]
+    args, proto = parse(seed)
+    assert proto == "disco"
+    r = resolve_recipe(args, proto, world_size=8, local_world_size=8)
+    assert (r.lr, r.gamma, r.per_process_batch, r.milestones) == (3.0, 0.5, 32, [5, 10, 15, 20, 25, 30, 35, 40, 45, 60, 80])
+    args, proto = parse(seed + ["--train_list", "1percent.txt"])
+    r = resolve_recipe(args, proto)
+    assert (r.milestones, r.gamma) == ([60, 80], 0.5)
+    assert [L.epoch_lr(r, e) for e in (59, 60, 80)] == pytest.approx([3.0, 1.5, 0.75])
+    assert parse(["-a", "resnet50", "--lr", "30.0", "--batch-size", "256", "/data"])[1] == "moco"

@@ -57,7 +57,7 @@ def test_subset_from_lists_and_errors(in120, tmp_path, repo_root):
     tl = tmp_path / "train.txt"
     tl.write_text("".join(f"train/{c}/img_0001.png {i}\n" for i, c in enumerate(classes[5:8])))
     vl = tmp_path / "val.txt"
-    vl.write_text("".join(f"val/{c}/img_0000.png {i}\n" for i, c in enumerate(classes[5:8])))
+    vl.write_text("".join(f"val/{c}/img_0000.png {i}\n" for i, c in enumerate(classes[6:8])))  # one class fewer
     dst = str(tmp_path / "sub")
     r = subprocess.run([sys.executable, "scripts/make_imagenet_subset.py", "--src", in120, "--dst", dst,
                         "--train_list", str(tl), "--val_list", str(vl), "--copy"],
@@ -66,6 +66,9 @@ def test_subset_from_lists_and_errors(in120, tmp_path, repo_root):
     assert sorted(os.listdir(os.path.join(dst, "train"))) == classes[5:8]
     assert os.listdir(os.path.join(dst, "train", classes[6])) == ["img_0001.png"]
     assert not os.path.islink(os.path.join(dst, "val", classes[7], "img_0000.png"))
+    # val.txt labels follow the training subset's class order, even with a class missing from val
+    val_lines = open(os.path.join(dst, "val.txt")).read().splitlines()
+    assert val_lines == [f"val/{classes[6]}/img_0000.png 1", f"val/{classes[7]}/img_0000.png 2"]
     r = subprocess.run([sys.executable, "scripts/make_imagenet_subset.py", "--src", in120, "--dst",
                         str(tmp_path / "x"), "--num_classes", "121"], cwd=repo_root, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "120 class folders" in r.stderr

@@ -135,3 +135,40 @@ def test_moco_forward_uses_snapshot_and_updates_key_encoder():
     assert m.encoder_q.fc[0].weight.shape == (32, 512) and m.encoder_q.fc[2].weight.shape == (8, 32)
     logits = moco_logits(F.normalize(torch.randn(2, 8), dim=1), F.normalize(torch.randn(2, 8), dim=1), q0, 0.2)
     assert logits.shape == (2, 17)
+
+
+def _perturb(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_ema_runs_before_the_key_forward_moco():
+    """The keys enqueued by a step come from the key encoder *after* this step's EMA update."""
+    import copy
+    torch.manual_seed(0)
+    m = MoCo("resnet18", dim=8, K=16, m=0.5, T=0.2, mlp=False, cifar_stem=True)
+    _perturb(m.encoder_q, 1)  # make θ_q ≠ θ_k so that the order matters
+    x = torch.randn(4, 3, 16, 16)
+    k_enc = copy.deepcopy(m.encoder_k)
+    momentum_update_(k_enc, m.encoder_q, 0.5)
+    with torch.no_grad():
+        expected = F.normalize(k_enc(x.flip(-1)), dim=1)
+    m([x, x.flip(-1)], torch.arange(4))
+    assert torch.allclose(m.queue[:, :4].T, expected, atol=1e-6)
+
+
+def test_ema_runs_before_the_key_forward_mocom():
+    import copy
+    from src.methods.mocom import MoCoM
+    torch.manual_seed(0)
+    m = MoCoM("resnet18", dim=8, K=16, m=0.5, T=0.2, nmb_crops=(2, 1), cifar_stem=True)
+    _perturb(m.encoder_q, 2)
+    crops = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8)]
+    k_enc = copy.deepcopy(m.encoder_k)
+    momentum_update_(k_enc, m.encoder_q, 0.5)
+    with torch.no_grad():
+        expected = F.normalize(k_enc(torch.cat(crops[:2])), dim=1).view(2, 4, -1)
+    _, k = m.embed(crops)
+    assert torch.allclose(k, expected, atol=1e-6)

@@ -90,6 +90,14 @@ class ImageDataset(Dataset):
         self.root, self.transform, self.seed = root, transform, seed
         if file_list:
             pairs = read_file_list(file_list, root)
+            missing = [p for p, _ in pairs if not os.path.exists(p)]
+            if missing:
+                msg = (f"{len(missing)} of the {len(pairs)} files listed in {file_list} are not under {root} "
+                       f"(e.g. {missing[0]})")
+                if len(missing) == len(pairs):
+                    raise UserError(msg + ": wrong data root?")
+                log.warning("%s: they are left out", msg)
+                pairs = [pc for pc in pairs if os.path.exists(pc[0])]
             self.classes = sorted({c for _, c in pairs})
             cidx = {c: i for i, c in enumerate(self.classes)}
             self.samples = sorted((p, cidx[c]) for p, c in pairs)
@@ -113,21 +121,26 @@ class ImageDataset(Dataset):
     def num_skipped(self) -> int:
         return int(self._skipped.value)
 
-    def _load(self, index: int) -> tuple[Image.Image, int, int]:
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            path, target = self.samples[i]
+    MAX_SUBSTITUTIONS = 50
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        """The image at ``index``; an unreadable one is replaced by the next readable image (its
+        own label), logged and counted. ``index`` itself is what the dataset returns, so that
+        per-index state (SogCLR's u, PCL's clusters, gathered eval features) stays positional."""
+        for attempt in range(min(len(self.samples), self.MAX_SUBSTITUTIONS)):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return _pil_loader(path), target, i
+                return _pil_loader(path), target
             except Exception as e:  # noqa: BLE001 - any decoding failure means "skip this file"
                 with self._skipped.get_lock():
                     self._skipped.value += 1
                 log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
-        raise UserError(f"no readable image in {self.root}")
+        raise UserError(f"{self.MAX_SUBSTITUTIONS} unreadable images in a row from {self.samples[index][0]} on")
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, None)
-        img, target, index = self._load(int(index))
+        index = int(index)
+        img, target = self._load(index)
         if self.transform is None:
             return img, target, index
         if epoch is None:
@@ -141,7 +154,7 @@ class ImageDataset(Dataset):
             states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(s)
         np.random.seed(s % (2 ** 32))
-        torch.manual_seed(s)
+        torch.default_generator.manual_seed(s)  # the CPU generator only: CUDA streams stay untouched
         try:
             return self.transform(img)
         finally:

@@ -13,7 +13,8 @@ from ..data.datasets import ShardSampler, collate_crops
 def make_eval_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     sampler = ShardSampler(len(dataset), D.get_world_size(), D.get_rank())
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", collate_fn=collate_crops)
+                      pin_memory=device.type == "cuda", collate_fn=collate_crops,
+                      generator=torch.Generator().manual_seed(0))  # keeps the global RNG untouched
 
 
 @torch.no_grad()

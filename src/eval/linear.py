@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed as D
 from ..checkpoint import load_backbone, load_checkpoint
-from ..data.datasets import EpochSampler, ShardSampler, collate_crops
+from ..data.datasets import EpochSampler, collate_crops
+from .features import make_eval_loader
 from ..errors import UserError
 from ..models.backbones import arch_spec, build_backbone
 from ..optim import LARC, set_lr
@@ -173,8 +174,7 @@ def validate(backbone: nn.Module, head: nn.Module, dataset: Dataset, batch_size:
     full-set numbers (the same as one process evaluating everything)."""
     backbone.eval()
     head.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), D.get_world_size(),
-                        D.get_rank()), num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_crops)
+    loader = make_eval_loader(dataset, batch_size, workers, device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     net = head.module if hasattr(head, "module") else head
     for x, y, _ in loader:
@@ -191,7 +191,7 @@ def make_train_loader(dataset: Dataset, batch_size: int, workers: int, device: t
     sampler = EpochSampler(len(dataset), D.get_world_size(), D.get_rank(), shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", collate_fn=collate_crops, drop_last=False,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 
 

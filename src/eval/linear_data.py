@@ -97,7 +97,7 @@ class CifarDataset(ImageDataset):
         self._skipped = multiprocessing.Value("i", 0)
 
     def _load(self, index: int):
-        return Image.fromarray(self.data[index]), self.targets[index], index
+        return Image.fromarray(self.data[index]), self.targets[index]
 
 
 def cifar_transforms(size: int, std) -> tuple[T.Compose, T.Compose]:

@@ -23,7 +23,9 @@ The scaled lr is ``--lr × b / 256`` with ``b`` the ``-b`` value, as the officia
 
 Without ``--protocol`` the protocol is inferred from the seed command's spelling (printed at start):
 ``--id`` → pcl; ``--data_name``/``--save_dir`` → sogclr; ``--data_path`` → lorac; ``--data`` → caco;
-a positional data directory → moco (MoCo ``main_lincls.py`` defaults; DisCo users pass ``--protocol disco``).
+``--learning-rate`` (the spelling of DisCo's README; MoCo's uses ``--lr``) → disco; otherwise moco
+(MoCo ``main_lincls.py`` defaults). DisCo with ``--train_list`` (``main_lincls_semi.py``, C3) steps ×0.5
+at [60, 80] instead of the 11 milestones.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from ..errors import UserError
 from ..data.transforms import IMAGENET_STD, SWAV_STD
 
 DISCO_MILESTONES = [5, 10, 15, 20, 25, 30, 35, 40, 45, 60, 80]
+DISCO_SEMI_MILESTONES = (60, 80)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ def infer_protocol(args: argparse.Namespace, opts: set[str]) -> tuple[str, str]:
         return "lorac", "--data_path (LORAC/SwAV eval_linear.py)"
     if "--data" in opts:
         return "caco", "--data (CaCo linear.py)"
+    if "--learning-rate" in opts:
+        return "disco", "--learning-rate (DisCo main_lincls.py; MoCo's README spells it --lr)"
     return "moco", "default (MoCo main_lincls.py)"
 
 
@@ -137,6 +142,8 @@ def resolve_recipe(args: argparse.Namespace, protocol: str, world_size: int = 1,
     p = PRESETS[protocol]
     if getattr(args, "dataset", "imagenet") in ("cifar10", "cifar100"):
         p = replace(p, **CIFAR_OVERLAY)
+    elif protocol == "disco" and getattr(args, "train_list", None):
+        p = replace(p, milestones=DISCO_SEMI_MILESTONES)  # main_lincls_semi.py: ×0.5 at [60, 80] (C3)
     sched = p.scheduler
     if getattr(args, "scheduler_type", None):
         sched = args.scheduler_type

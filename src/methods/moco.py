@@ -9,7 +9,7 @@ from .. import distributed as D
 from ..models.backbones import build_encoder, feat_dim
 from ..models.heads import moco_head
 from ..models.momentum import make_momentum_copy, momentum_update_, shuffle_bn_forward
-from ..models.queue import enqueue_, init_queue
+from ..models.queue import advance_, enqueue_, init_queue
 from .base import ContrastiveMethod, topk_accuracy
 
 
@@ -43,9 +43,8 @@ class MoCo(ContrastiveMethod):
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         keys = D.gather_no_grad(keys)
-        ptr = int(self.queue_ptr)
-        enqueue_(self.queue, keys, ptr)
-        self.queue_ptr[0] = (ptr + keys.shape[0]) % self.K
+        enqueue_(self.queue, keys, self.queue_ptr)
+        advance_(self.queue_ptr, keys.shape[0], self.K)
 
     def forward(self, crops: list[torch.Tensor], index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         im_q, im_k = crops[0], crops[1]

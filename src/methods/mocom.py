@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..models.backbones import build_encoder, feat_dim
 from ..models.heads import moco_head
 from ..models.momentum import make_momentum_copy, momentum_update_, shuffle_bn_forward
-from ..models.queue import init_queue
+from ..models.queue import advance_, enqueue_, init_queue
 from .base import ContrastiveMethod, topk_accuracy
 
 log = logging.getLogger("ssl")
@@ -170,12 +170,11 @@ class MoCoM(ContrastiveMethod):
         B = k.shape[0] // 2
         chunks = keys.split(B, dim=0)
         n = keys.shape[0] // 2
-        ptr = int(self.queue_ptr)
         if self.K % n:
             raise UserError(f"--moco-k {self.K} must be divisible by the global batch size {n}")
-        self.queue[0, :, ptr:ptr + n] = torch.cat(chunks[0::2]).T.to(self.queue.dtype)
-        self.queue[1, :, ptr:ptr + n] = torch.cat(chunks[1::2]).T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % self.K
+        enqueue_(self.queue[0], torch.cat(chunks[0::2]), self.queue_ptr)
+        enqueue_(self.queue[1], torch.cat(chunks[1::2]), self.queue_ptr)
+        advance_(self.queue_ptr, n, self.K)
 
     def embed(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(q (C, B, D), k (2, B, D)), unit-norm in fp32 (apex O1 runs ``normalize`` in fp32)."""

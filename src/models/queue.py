@@ -12,15 +12,21 @@ def init_queue(dim: int, K: int, planes: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def enqueue_(queue: torch.Tensor, keys: torch.Tensor, ptr: int) -> None:
+def enqueue_(queue: torch.Tensor, keys: torch.Tensor, ptr: torch.Tensor | int) -> None:
     """Write ``keys`` (n×dim, already gathered in rank order) into columns ptr, ptr+1, ...
-    of ``queue`` (dim×K), wrapping around the end."""
+    of ``queue`` (dim×K), wrapping around the end. ``ptr`` may be a device tensor: no host sync."""
     K = queue.shape[-1]
     n = keys.shape[0]
     if n > K:
         raise ValueError(f"cannot enqueue {n} keys into a queue of length {K}")
-    idx = (ptr + torch.arange(n, device=queue.device)) % K
+    idx = (torch.as_tensor(ptr, device=queue.device).reshape(()) + torch.arange(n, device=queue.device)) % K
     queue[:, idx] = keys.T.to(queue.dtype)
+
+
+@torch.no_grad()
+def advance_(ptr: torch.Tensor, n: int, K: int) -> None:
+    """ptr ← (ptr + n) mod K, in place on the device."""
+    ptr.add_(n).remainder_(K)
 
 
 def check_queue_divisible(K: int, global_batch: int, flag: str = "--moco-k") -> None:

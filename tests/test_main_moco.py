@@ -113,7 +113,10 @@ def _port():
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_state(tmp_path, tiny_folder, repo_root):
-    argv = [sys.executable, "main_moco.py", *_command(R18_BASELINE, tiny_folder, 3), *SMALL]
+    # loader workers and 2 shuffle-BN groups: the workers must not draw from the RNG that the
+    # shuffle permutations use, or the resumed run would diverge
+    argv = [sys.executable, "main_moco.py", *_command(R18_BASELINE, tiny_folder, 3), *SMALL, "-j", "2",
+            "--shuffle_bn_groups", "2"]
     ref, run = tmp_path / "ref", tmp_path / "killed"
     _run(argv + ["--output_dir", str(ref)], repo_root)
     # start the same run, kill -9 it as soon as its first checkpoint exists, then run it again

@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -50,6 +52,9 @@ class CheckpointPolicy:
     copies: Callable[[int, int], list[str]] = lambda e, n: []
     resume_pattern: str = r"checkpoint_(\d+)\.pth\.tar"
     fixed_resume_name: str | None = None  # e.g. LORAC's checkpoint.pth.tar
+
+    #: written when a run is stopped by SIGUSR1/SIGTERM in the middle of an epoch
+    interrupted_name: str = "checkpoint_interrupted.pth.tar"
 
     def latest(self) -> str | None:
         if self.fixed_resume_name:
@@ -153,7 +158,8 @@ class Trainer:
             raise UserError(f"the training set has {len(train_set)} images: fewer than one batch of "
                             f"{cfg.batch_size} per process x {info.world_size} processes; lower the batch size")
         self.train_set = train_set
-        self.iters = len(self.loader) if cfg.max_iters is None else min(cfg.max_iters, len(self.loader))
+        self.epoch_len = len(self.loader)  # iterations of a full epoch: what the lr schedules count
+        self.iters = self.epoch_len if cfg.max_iters is None else min(cfg.max_iters, self.epoch_len)
         if info.distributed:
             self.model: nn.Module = nn.parallel.DistributedDataParallel(
                 method, device_ids=[self.device.index] if cuda else None, forward_sync_buffers=False,
@@ -162,11 +168,20 @@ class Trainer:
             self.model = method
         self.logger = RunLogger(cfg.output_dir, active=info.is_main)
         self.start_epoch = 0
+        self.start_iter = 0          # > 0 when resuming in the middle of an epoch
         self.last_checkpoint: str | None = None
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ checkpoint
-    def state(self, epoch: int) -> dict[str, Any]:
-        return {"epoch": epoch + 1, "arch": self.cfg.arch, "method": self.cfg.method_name,
+    @property
+    def resumed_mid_epoch(self) -> bool:
+        return self.start_iter > 0
+
+    def state(self, epoch: int, next_iter: int = 0) -> dict[str, Any]:
+        """``epoch`` is the next epoch to run (official meaning); ``iter`` > 0 only in a checkpoint
+        written in the middle of an epoch (then ``epoch`` is the interrupted one)."""
+        return {"epoch": epoch if next_iter else epoch + 1, "iter": next_iter,
+                "arch": self.cfg.arch, "method": self.cfg.method_name,
                 "state_dict": {f"module.{k}": v for k, v in self.method.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": rng_state(), "args": self.cfg.args, **self.method.extra_checkpoint_items()}
@@ -183,10 +198,33 @@ class Trainer:
                 os.makedirs(os.path.dirname(c), exist_ok=True)
                 link_or_copy(path, c)
             self.last_checkpoint = path
+            stale = os.path.join(pol.directory, pol.interrupted_name)
+            if os.path.exists(stale):  # superseded by this end-of-epoch checkpoint
+                os.unlink(stale)
         D.barrier()
 
+    def save_interrupted(self, epoch: int, next_iter: int) -> str:
+        path = os.path.join(self.cfg.checkpoint.directory, self.cfg.checkpoint.interrupted_name)
+        if self.info.is_main:
+            save_atomic(self.state(epoch, next_iter), path)
+        D.barrier()
+        return path
+
+    def _resume_path(self) -> str | None:
+        """``--resume``, else the newest of the policy's checkpoint and an interrupted one."""
+        if self.cfg.resume or not self.cfg.auto_resume:
+            return self.cfg.resume
+        regular = self.cfg.checkpoint.latest()
+        inter = os.path.join(self.cfg.checkpoint.directory, self.cfg.checkpoint.interrupted_name)
+        if not os.path.isfile(inter):
+            return regular
+        if regular is None:
+            return inter
+        pos = lambda c: (int(c["epoch"]), int(c.get("iter", 0)))  # noqa: E731
+        return inter if pos(load_checkpoint(inter)) > pos(load_checkpoint(regular)) else regular
+
     def resume(self) -> None:
-        path = self.cfg.resume or (self.cfg.checkpoint.latest() if self.cfg.auto_resume else None)
+        path = self._resume_path()
         if not path:
             return
         ckpt = load_checkpoint(path)
@@ -207,18 +245,47 @@ class Trainer:
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         self.start_epoch = int(ckpt["epoch"])
+        self.start_iter = int(ckpt.get("iter", 0))
         self.last_checkpoint = path
-        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+        log.info("resumed from %s at epoch %d%s", path, self.start_epoch,
+                 f" iteration {self.start_iter}" if self.start_iter else "")
+
+    # ------------------------------------------------------------------ preemption
+    def _install_signal_handlers(self) -> dict:
+        """SIGUSR1 (SLURM's ``--signal``) and SIGTERM (preemption, ``scancel``) ask for a stop: the
+        run writes ``checkpoint_interrupted.pth.tar`` at the next logging point and returns; the same
+        command resumes it exactly, in the middle of the epoch."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+            log.warning("received signal %d: checkpointing at the next logging point", signum)
+        old = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+        return old
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        return bool(D.all_reduce_sum_(flag).item() > 0)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         self.resume()
         last: dict[str, float] = {}
+        handlers = self._install_signal_handlers()
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
-                self.sampler.set_epoch(epoch)
+                start_it = self.start_iter if epoch == self.start_epoch else 0
+                self.sampler.set_epoch(epoch, skip=start_it * self.cfg.batch_size)
                 self.method.on_epoch_start(epoch, self)
-                last = self.train_one_epoch(epoch)
+                last = self.train_one_epoch(epoch, start_it)
+                self.start_iter = 0
+                if last.get("interrupted"):
+                    log.warning("stopped at epoch %d iteration %d; run the same command again to resume",
+                                epoch, int(last["next_iter"]))
+                    break
                 if self.knn is not None and self.cfg.knn_freq and \
                         ((epoch + 1) % self.cfg.knn_freq == 0 or epoch + 1 == self.cfg.epochs):
                     last["knn_top1"], last["knn_top5"] = self.knn.run(self.method, self.cfg, self.device)
@@ -231,6 +298,8 @@ class Trainer:
                 self.save(epoch)
         finally:
             self.logger.close()
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
         return last
 
     def _sync_means(self, sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
@@ -240,19 +309,20 @@ class Trainer:
         vals = v.tolist()
         return dict(zip(keys, vals))
 
-    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+    def train_one_epoch(self, epoch: int, start_it: int = 0) -> dict[str, float]:
         from tqdm import tqdm
         self.model.train()
         cfg, dev = self.cfg, self.device
         sums: dict[str, torch.Tensor] = {}
         win: dict[str, torch.Tensor] = {}
         nwin, n, t0, tw = 0, 0, time.time(), time.time()
-        bar = tqdm(total=self.iters, desc=f"epoch {epoch}", disable=not self.info.is_main, dynamic_ncols=True,
-                   mininterval=1.0)
-        for it, (crops, _, index) in enumerate(self.loader):
+        bar = tqdm(total=self.iters, initial=start_it, desc=f"epoch {epoch}", disable=not self.info.is_main,
+                   dynamic_ncols=True, mininterval=1.0)
+        lr = self.lr_schedule(epoch, start_it, self.epoch_len)
+        for it, (crops, _, index) in enumerate(self.loader, start=start_it):
             if it >= self.iters:
                 break
-            lr = self.lr_schedule(epoch, it, self.iters if cfg.max_iters is None else len(self.loader))
+            lr = self.lr_schedule(epoch, it, self.epoch_len)
             set_lr(self.optimizer, lr)
             if isinstance(crops, torch.Tensor):
                 crops = [crops]
@@ -282,6 +352,11 @@ class Trainer:
                 step = epoch * self.iters + it
                 self.logger.write({"epoch": epoch, "iter": it, "lr": lr, "img_per_s": ips, **m}, step=step, prefix="train/")
                 win, nwin, tw = {}, 0, time.time()
+                if it + 1 < self.iters and self._stop_requested():
+                    bar.close()
+                    path = self.save_interrupted(epoch, it + 1)
+                    log.warning("checkpoint of epoch %d iteration %d written to %s", epoch, it + 1, path)
+                    return {"interrupted": 1.0, "next_iter": float(it + 1)}
         bar.close()
         m = self._sync_means(sums, n)
         self._check_finite(m, epoch, n)

@@ -204,3 +204,52 @@ def test_channels_last_same_numbers_and_tensorboard(tmp_path, tiny_folder, repo_
     # the first window (before any update) agrees to float precision; later ones drift only by the
     # different summation order of the channels_last kernels
     assert len(a) == len(b) == 3 and a[0] == pytest.approx(b[0], rel=1e-5) and a == pytest.approx(b, rel=2e-2)
+
+
+def test_signal_mid_epoch_checkpoint_resumes_exactly(tmp_path, tiny_folder):
+    """SIGUSR1 in the middle of epoch 1 → checkpoint_interrupted.pth.tar (epoch 1, iter 2) and a
+    clean return; running again resumes at that iteration and ends with the same state as an
+    uninterrupted run (data order, augmentation, RNG, optimizer, queue)."""
+    import signal as sig
+    from src.data.datasets import ImageDataset
+    from src.data.transforms import TwoCropsTransform, moco_v2_augmentation
+    from src.distributed import DistInfo
+    from src.engine import CheckpointPolicy, EngineConfig, Trainer, seed_everything
+    from src.methods.moco import MoCo
+    from src.optim import MoCoEpochLR
+
+    class Signalling(MoCo):
+        calls = 0
+        fire_at = None
+
+        def forward(self, crops, index=None):
+            Signalling.calls += 1
+            if Signalling.calls == Signalling.fire_at:
+                os.kill(os.getpid(), sig.SIGUSR1)
+            return super().forward(crops, index)
+
+    def trainer(out, fire_at=None):
+        Signalling.calls, Signalling.fire_at = 0, fire_at
+        seed_everything(0)
+        m = Signalling("resnet18", 16, 64, 0.99, 0.2, True, -1, shuffle_groups=2)
+        ds = ImageDataset(os.path.join(tiny_folder, "train"), TwoCropsTransform(moco_v2_augmentation(32)))
+        opt = torch.optim.SGD(m.encoder_q.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
+        cfg = EngineConfig(epochs=3, batch_size=8, output_dir=str(out), checkpoint=CheckpointPolicy(str(out)),
+                           method_name="moco", arch="resnet18", workers=0, print_freq=1)
+        return Trainer(m, opt, MoCoEpochLR(0.03, 3, True), ds, cfg, DistInfo())
+
+    trainer(tmp_path / "ref").fit()
+    run = tmp_path / "run"
+    res = trainer(run, fire_at=6).fit()  # 4 iterations per epoch: the 6th forward is epoch 1, iteration 1
+    assert res == {"interrupted": 1.0, "next_iter": 2.0}
+    ck = load_checkpoint(str(run / "checkpoint_interrupted.pth.tar"))
+    assert (ck["epoch"], ck["iter"]) == (1, 2) and not (run / "checkpoint_0001.pth.tar").exists()
+    t = trainer(run)
+    t.fit()
+    assert not (run / "checkpoint_interrupted.pth.tar").exists()  # superseded by checkpoint_0001
+    a = load_checkpoint(str(tmp_path / "ref" / "checkpoint_0002.pth.tar"))
+    b = load_checkpoint(str(run / "checkpoint_0002.pth.tar"))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)

@@ -171,11 +171,12 @@ class EpochSampler(Sampler):
     def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
         self.n, self.num_replicas, self.rank, self.shuffle, self.seed = n, num_replicas, rank, shuffle, seed
         self.epoch = 0
+        self.skip = 0  # samples of this rank already consumed (a run resumed in the middle of an epoch)
         self.num_samples = math.ceil(n / num_replicas)
         self.total_size = self.num_samples * num_replicas
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def indices(self) -> list[int]:
         if self.shuffle:
@@ -187,13 +188,13 @@ class EpochSampler(Sampler):
         pad = self.total_size - len(idx)
         if pad > 0:
             idx += (idx * math.ceil(pad / len(idx)))[:pad]
-        return idx[self.rank:self.total_size:self.num_replicas]
+        return idx[self.rank:self.total_size:self.num_replicas][self.skip:]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter([(i, self.epoch) for i in self.indices()])
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.skip
 
 
 class ShardSampler(Sampler):

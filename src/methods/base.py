@@ -44,7 +44,9 @@ class ContrastiveMethod(nn.Module):
     encoder_q: nn.Module
 
     def on_epoch_start(self, epoch: int, engine: Any = None) -> None:
-        """Called before every epoch (also the first after a resume)."""
+        """Called before every epoch, also the first after a resume. When a run resumes in the
+        middle of an epoch (``engine.resumed_mid_epoch``), per-epoch state that lives in buffers
+        (restored from the checkpoint) must not be recomputed."""
 
     def after_step(self) -> None:
         """Called after each optimiser step (CaCo's memory update)."""

@@ -34,7 +34,7 @@ def run(cmd: list[str], quiet: bool = False) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--epochs", type=int, default=40, help="pretraining epochs")
+    p.add_argument("--epochs", type=int, default=60, help="pretraining epochs")
     p.add_argument("--linear_epochs", type=int, default=30)
     p.add_argument("--out", default=os.path.join(ROOT, "demo_out"))
     p.add_argument("--data", default=os.path.join(ROOT, "data", "digits"))

@@ -36,7 +36,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
     p.add_argument("--epochs", default=200, type=int)
     p.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", default=0, type=int,
-                   help="ignored: the epoch comes from the resumed checkpoint")
+                   help="first epoch when not resuming (a resumed checkpoint overrides it)")
     p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=256, type=int,
                    help="batch of one node, split over its processes")
     p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float)
@@ -89,7 +89,9 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
                        channels_last=args.channels_last, resume=args.resume or None, auto_resume=args.auto_resume,
                        seed=args.data_seed, knn_freq=args.knn_freq, knn_k=args.knn_k, knn_t=args.knn_t,
                        knn_batch_size=args.knn_batch_size, max_iters=args.max_iters)
-    Trainer(method, optimizer, schedule, train_set, cfg, info, knn_monitor(args, args.data)).fit()
+    trainer = Trainer(method, optimizer, schedule, train_set, cfg, info, knn_monitor(args, args.data))
+    trainer.start_epoch = args.start_epoch  # a resumed checkpoint overrides it
+    trainer.fit()
 
 
 @cli_main

@@ -15,10 +15,10 @@ import logging
 import os
 
 from src import distributed as D
-from src.cli import add_engine_args, amp_mode, knn_monitor, per_process, print_setup, train_dir
+from src.cli import add_engine_args, engine_config, knn_monitor, per_process, print_setup, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, moco_v1_augmentation, moco_v2_augmentation
-from src.engine import CheckpointPolicy, EngineConfig, Trainer, seed_everything
+from src.engine import CheckpointPolicy, Trainer, seed_everything
 from src.errors import cli_main
 from src.logger import save_args, setup_logging
 from src.methods.moco import MoCo
@@ -83,12 +83,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
                 "cosine per epoch" if args.cos else f"x0.1 at epochs {args.schedule}")
     if info.is_main:
         save_args(args, out)
-    cfg = EngineConfig(epochs=args.epochs, batch_size=batch, output_dir=out,
-                       checkpoint=CheckpointPolicy(out), method_name="moco", arch=args.arch, args=vars(args),
-                       workers=workers, print_freq=args.print_freq, amp=amp_mode(args),
-                       channels_last=args.channels_last, resume=args.resume or None, auto_resume=args.auto_resume,
-                       seed=args.data_seed, knn_freq=args.knn_freq, knn_k=args.knn_k, knn_t=args.knn_t,
-                       knn_batch_size=args.knn_batch_size, max_iters=args.max_iters)
+    cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=CheckpointPolicy(out),
+                        method_name="moco", workers=workers)
     trainer = Trainer(method, optimizer, schedule, train_set, cfg, info, knn_monitor(args, args.data))
     trainer.start_epoch = args.start_epoch  # a resumed checkpoint overrides it
     trainer.fit()

@@ -22,10 +22,10 @@ import os
 import torch
 
 from src import distributed as D
-from src.cli import add_engine_args, amp_mode, knn_monitor, print_setup, train_dir
+from src.cli import add_engine_args, engine_config, knn_monitor, print_setup, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, eval_transform, sogclr_augmentation
-from src.engine import CheckpointPolicy, EngineConfig, KnnMonitor, Trainer, seed_everything
+from src.engine import CheckpointPolicy, KnnMonitor, Trainer, seed_everything
 from src.errors import UserError, cli_main
 from src.logger import save_args, setup_logging
 from src.methods.sogclr import SogCLR
@@ -170,12 +170,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     if info.is_main:
         save_args(args, out)
     policy = CheckpointPolicy(out, filename=lambda e: f"checkpoint_{e:04d}.pth.tar", should_save=should_save)
-    cfg = EngineConfig(epochs=args.epochs, batch_size=batch, output_dir=out, checkpoint=policy,
-                       method_name=METHOD_NAMES[args.loss_type], arch=args.arch, args=vars(args), workers=workers,
-                       print_freq=args.print_freq, amp=amp_mode(args), channels_last=args.channels_last,
-                       resume=args.resume or None, auto_resume=args.auto_resume, seed=args.data_seed,
-                       knn_freq=args.knn_freq, knn_k=args.knn_k, knn_t=args.knn_t,
-                       knn_batch_size=args.knn_batch_size, max_iters=args.max_iters)
+    cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=policy,
+                        method_name=METHOD_NAMES[args.loss_type], workers=workers)
     trainer = Trainer(method, optimizer, schedule, train_set, cfg, info, knn)
     trainer.start_epoch = args.start_epoch  # a resumed checkpoint overrides it
     trainer.fit()

@@ -70,7 +70,7 @@ def main() -> None:
 
     print("\nMoCo v2, ResNet-18, sklearn digits at 32 px "
           f"({ntr} train / {nva} val), {args.epochs} pretraining epochs in {t_pre / 60:.1f} min")
-    print(f"| backbone | kNN top-1 (k=20) | linear top-1 best | linear top-1 last | eval time |")
+    print("| backbone | kNN top-1 (k=20) | linear top-1 best | linear top-1 last | eval time |")
     print("|---|---|---|---|---|")
     for name, k, lb, ll, t in rows:
         print(f"| {name} | {k:.1f} | {lb:.1f} | {ll:.1f} | {t:.0f} s |")

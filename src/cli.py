@@ -8,7 +8,7 @@ import os
 from . import distributed as D
 from .data.datasets import ImageDataset, find_classes
 from .data.transforms import eval_transform
-from .engine import KnnMonitor
+from .engine import CheckpointPolicy, EngineConfig, KnnMonitor
 from .errors import UserError
 
 log = logging.getLogger("ssl")
@@ -32,6 +32,18 @@ def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp
     g.add_argument("--cifar_stem", action="store_true", help="3x3 stride-1 ResNet stem without max-pool")
     g.add_argument("--max_iters", type=int, default=None, help="iterations per epoch cap (smoke tests)")
     g.add_argument("--data_seed", type=int, default=0, help="seed of the data order and augmentations")
+
+
+def engine_config(args: argparse.Namespace, *, batch_size: int, output_dir: str, checkpoint: CheckpointPolicy,
+                  method_name: str, workers: int) -> EngineConfig:
+    """The :class:`EngineConfig` of a pretraining run: the method-specific parts are given, the
+    engine flags of :func:`add_engine_args` (and ``--epochs --print-freq --resume``) come from ``args``."""
+    return EngineConfig(epochs=args.epochs, batch_size=batch_size, output_dir=output_dir, checkpoint=checkpoint,
+                        method_name=method_name, arch=args.arch, args=vars(args), workers=workers,
+                        print_freq=args.print_freq, amp=amp_mode(args), channels_last=args.channels_last,
+                        resume=args.resume or None, auto_resume=args.auto_resume, seed=args.data_seed,
+                        knn_freq=args.knn_freq, knn_k=args.knn_k, knn_t=args.knn_t,
+                        knn_batch_size=args.knn_batch_size, max_iters=args.max_iters)
 
 
 def amp_mode(args: argparse.Namespace) -> str | None:

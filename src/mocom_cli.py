@@ -14,7 +14,7 @@ import logging
 import os
 
 from . import distributed as D
-from .cli import add_engine_args, amp_mode, knn_monitor, print_setup
+from .cli import add_engine_args, engine_config, knn_monitor, print_setup
 from .errors import UserError, cli_main
 
 log = logging.getLogger("ssl")
@@ -125,7 +125,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     import torch
     from .data.datasets import ImageDataset
     from .data.transforms import SWAV_STD, MultiCropTransform
-    from .engine import CheckpointPolicy, EngineConfig, Trainer, seed_everything
+    from .engine import CheckpointPolicy, Trainer, seed_everything
     from .logger import save_args, setup_logging
     from .methods.mocom import MoCoM, convert_sync_bn
     from .models.queue import check_queue_divisible
@@ -170,12 +170,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     policy = CheckpointPolicy(
         out, filename=lambda e: "checkpoint.pth.tar", fixed_resume_name="checkpoint.pth.tar",
         copies=lambda e, n: [os.path.join(out, "checkpoints", f"ckp-{e}.pth")] if (e + 1) % freq == 0 or e + 1 == n else [])
-    cfg = EngineConfig(epochs=args.epochs, batch_size=B, output_dir=out, checkpoint=policy,
-                       method_name="lorac" if args.lorac else "mocom", arch=args.arch, args=vars(args),
-                       workers=args.workers, print_freq=args.print_freq, amp=amp_mode(args),
-                       channels_last=args.channels_last, resume=args.resume or None, auto_resume=args.auto_resume,
-                       seed=args.data_seed, knn_freq=args.knn_freq, knn_k=args.knn_k, knn_t=args.knn_t,
-                       knn_batch_size=args.knn_batch_size, max_iters=args.max_iters)
+    cfg = engine_config(args, batch_size=B, output_dir=out, checkpoint=policy,
+                        method_name="lorac" if args.lorac else "mocom", workers=args.workers)
     knn = knn_monitor(args, os.path.dirname(os.path.abspath(data_path)), std=SWAV_STD) if args.knn_freq else None
     torch.backends.cudnn.benchmark = True
     Trainer(method, optimizer, schedule, train_set, cfg, info, knn).fit()

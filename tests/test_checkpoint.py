@@ -13,7 +13,7 @@ import torch
 from src.checkpoint import latest_checkpoint, load_backbone, load_checkpoint, save_atomic
 from src.data.datasets import ImageDataset
 from src.errors import UserError
-from src.models.backbones import build_backbone, build_encoder
+from src.models.backbones import build_encoder
 from src.models.heads import bn_mlp, moco_head
 
 

@@ -1,1 +1,1 @@
-from .backbones import ARCHS, build_backbone, build_encoder, feat_dim, head_attr, strip_head  # noqa: F401
+"""Backbone registry, projection heads, momentum encoder and shuffle-BN, the key queue."""

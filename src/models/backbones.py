@@ -100,9 +100,3 @@ def build_backbone(arch: str, *, cifar_stem: bool = False) -> nn.Module:
 
 def head_attr(arch: str) -> str:
     return arch_spec(arch).head_attr
-
-
-def strip_head(encoder: nn.Module, arch: str) -> nn.Module:
-    """Replace the head of an encoder with the identity (in place) and return it."""
-    setattr(encoder, head_attr(arch), nn.Identity())
-    return encoder

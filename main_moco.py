@@ -85,9 +85,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
         save_args(args, out)
     cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=CheckpointPolicy(out),
                         method_name="moco", workers=workers)
-    trainer = Trainer(method, optimizer, schedule, train_set, cfg, info, knn_monitor(args, args.data))
-    trainer.start_epoch = args.start_epoch  # a resumed checkpoint overrides it
-    trainer.fit()
+    Trainer(method, optimizer, schedule, train_set, cfg, info, knn_monitor(args, args.data)).fit()
 
 
 @cli_main

@@ -172,9 +172,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     policy = CheckpointPolicy(out, filename=lambda e: f"checkpoint_{e:04d}.pth.tar", should_save=should_save)
     cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=policy,
                         method_name=METHOD_NAMES[args.loss_type], workers=workers)
-    trainer = Trainer(method, optimizer, schedule, train_set, cfg, info, knn)
-    trainer.start_epoch = args.start_epoch  # a resumed checkpoint overrides it
-    trainer.fit()
+    Trainer(method, optimizer, schedule, train_set, cfg, info, knn).fit()
 
 
 @cli_main

@@ -43,7 +43,8 @@ def engine_config(args: argparse.Namespace, *, batch_size: int, output_dir: str,
                         print_freq=args.print_freq, amp=amp_mode(args), channels_last=args.channels_last,
                         resume=args.resume or None, auto_resume=args.auto_resume, seed=args.data_seed,
                         knn_freq=args.knn_freq, knn_k=args.knn_k, knn_t=args.knn_t,
-                        knn_batch_size=args.knn_batch_size, max_iters=args.max_iters)
+                        knn_batch_size=args.knn_batch_size, max_iters=args.max_iters,
+                        start_epoch=getattr(args, "start_epoch", 0))
 
 
 def amp_mode(args: argparse.Namespace) -> str | None:

@@ -85,6 +85,7 @@ class EngineConfig:
     knn_batch_size: int = 256
     find_unused_parameters: bool = False
     max_iters: int | None = None   # stop each epoch after this many iterations (smoke tests)
+    start_epoch: int = 0           # first epoch when not resuming (a resumed checkpoint overrides it)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -167,7 +168,7 @@ class Trainer:
         else:
             self.model = method
         self.logger = RunLogger(cfg.output_dir, active=info.is_main)
-        self.start_epoch = 0
+        self.start_epoch = cfg.start_epoch
         self.start_iter = 0          # > 0 when resuming in the middle of an epoch
         self.last_checkpoint: str | None = None
         self._stop_signal: int | None = None

@@ -19,7 +19,7 @@ import os
 
 from src import distributed as D
 from src.checkpoint import load_backbone
-from src.cli import train_dir
+from src.cli import resolve_data_arg, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import IMAGENET_STD, SWAV_STD, eval_transform
 from src.errors import UserError, cli_main
@@ -107,11 +107,7 @@ def _split_trailing_dir(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     _split_trailing_dir(args)
-    if args.data and args.data_opt and os.path.abspath(args.data) != os.path.abspath(args.data_opt):
-        raise UserError(f"two data directories given: {args.data} and {args.data_opt}")
-    args.data = args.data or args.data_opt
-    if not args.data:
-        raise UserError("no data directory: give DIR, --data or --data_path")
+    resolve_data_arg(args)
     arch_spec(args.arch)
     train_dir(args.data)
     train_dir(args.data, "val")

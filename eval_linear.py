@@ -29,6 +29,7 @@ import torch
 
 from src import distributed as D
 from src.checkpoint import link_or_copy, save_atomic
+from src.cli import resolve_data_arg, train_dir
 from src.engine import seed_everything
 from src.errors import UserError, cli_main
 from src.eval import linear as L
@@ -97,11 +98,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def resolve_paths(args: argparse.Namespace) -> None:
-    if args.data and args.data_opt and os.path.abspath(args.data) != os.path.abspath(args.data_opt):
-        raise UserError(f"two data directories given: {args.data} and {args.data_opt}")
-    args.data = args.data or args.data_opt
-    if not args.data:
-        raise UserError("no data directory: give DIR, --data or --data_path")
+    resolve_data_arg(args)
     if not os.path.isdir(args.data):
         raise UserError(f"data directory not found: {args.data}")
     if args.dump_path is None:
@@ -221,7 +218,6 @@ def main(argv=None) -> None:
     resolve_paths(args)
     resolve_recipe(args, args.protocol_resolved)  # flag errors before any process starts
     if args.dataset == "imagenet":
-        from src.cli import train_dir
         train_dir(args.data)
     os.makedirs(args.dump_path, exist_ok=True)
     D.launch(main_worker, args)

@@ -24,7 +24,7 @@ import torch
 from src import distributed as D
 from src.cli import add_engine_args, engine_config, knn_monitor, print_setup, train_dir
 from src.data.datasets import ImageDataset
-from src.data.transforms import TwoCropsTransform, eval_transform, sogclr_augmentation
+from src.data.transforms import TwoCropsTransform, sogclr_augmentation
 from src.engine import CheckpointPolicy, KnnMonitor, Trainer, seed_everything
 from src.errors import UserError, cli_main
 from src.logger import save_args, setup_logging
@@ -124,16 +124,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[ImageDataset, KnnMonitor |
         train_set = ImageDataset(tdir, aug, file_list=args.train_list, seed=args.data_seed)
     else:
         train_set = ImageDataset(tdir, aug, num_classes=num_classes, seed=args.data_seed)
-    if not (args.knn_freq and args.train_list):
-        return train_set, knn_monitor(args, args.data, num_classes=num_classes)
-    if not args.val_list:
-        raise UserError("--knn_freq with --train_list needs --val_list")
-    tf = eval_transform(args.image_size)
-    bank = ImageDataset(tdir, tf, file_list=args.train_list)
-    queries = ImageDataset(os.path.join(args.data, "val"), tf, file_list=args.val_list)
-    if bank.classes != queries.classes:
-        raise UserError(f"{args.train_list} and {args.val_list} list different classes")
-    return train_set, KnnMonitor(bank, queries, len(bank.classes))
+    knn = knn_monitor(args, args.data, num_classes=num_classes, train_list=args.train_list, val_list=args.val_list)
+    return train_set, knn
 
 
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:

@@ -51,6 +51,17 @@ def amp_mode(args: argparse.Namespace) -> str | None:
     return "bf16" if getattr(args, "bf16", False) else ("fp16" if getattr(args, "use_fp16", False) else None)
 
 
+def resolve_data_arg(args: argparse.Namespace) -> str:
+    """The evaluation scripts take the data root as ``DIR``, ``--data`` or ``--data_path``
+    (``args.data`` / ``args.data_opt``); set ``args.data`` to the one given."""
+    if args.data and args.data_opt and os.path.abspath(args.data) != os.path.abspath(args.data_opt):
+        raise UserError(f"two data directories given: {args.data} and {args.data_opt}")
+    args.data = args.data or args.data_opt
+    if not args.data:
+        raise UserError("no data directory: give DIR, --data or --data_path")
+    return args.data
+
+
 def train_dir(data: str, sub: str = "train") -> str:
     """``<data>/train`` (clear one-line errors for a missing or empty directory)."""
     if not data or not os.path.isdir(data):
@@ -62,20 +73,26 @@ def train_dir(data: str, sub: str = "train") -> str:
     return path
 
 
-def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes: int | None = None) -> KnnMonitor | None:
-    """The kNN monitor: bank = ``<data>/train`` (eval transform), queries = ``<data>/val``."""
+def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes: int | None = None,
+                train_list: str | None = None, val_list: str | None = None) -> KnnMonitor | None:
+    """The kNN monitor: bank = ``<data>/train`` (eval transform), queries = ``<data>/val``, each
+    optionally restricted to the first ``num_classes`` folders or to a file list."""
     if not args.knn_freq:
         return None
     val = os.path.join(data_root, "val")
     if not os.path.isdir(val):
         log.warning("--knn_freq set but %s does not exist: kNN monitor disabled", val)
         return None
+    if train_list and not val_list:
+        raise UserError("--knn_freq with --train_list needs --val_list")
     kw = {"std": std} if std is not None else {}
     tf = eval_transform(args.image_size, **kw)
-    bank = ImageDataset(os.path.join(data_root, "train"), tf, num_classes=num_classes)
-    queries = ImageDataset(val, tf, num_classes=num_classes)
+    n = None if train_list else num_classes
+    bank = ImageDataset(os.path.join(data_root, "train"), tf, file_list=train_list, num_classes=n)
+    queries = ImageDataset(val, tf, file_list=val_list, num_classes=n)
     if queries.classes != bank.classes:
-        raise UserError(f"{val} and {data_root}/train have different class folders")
+        what = f"{train_list} and {val_list} list" if train_list else f"{val} and {data_root}/train have"
+        raise UserError(f"{what} different classes")
     return KnnMonitor(bank, queries, len(bank.classes))
 
 

@@ -169,3 +169,14 @@ def test_resume_from_official_layout_checkpoint(tiny_folder, tmp_path, seed_run)
         main_sogclr.main(SEED.replace("--epochs=2", "--epochs=3").split() + [
             "--data", tiny_folder, "--output_dir", str(tmp_path / "s"), "--resume", str(tmp_path / "short.pth.tar")])
     assert e.value.code == 2
+
+
+def test_knn_monitor_follows_the_file_lists(tiny_folder, tmp_path):
+    tl, vl = tmp_path / "tl.txt", tmp_path / "vl.txt"
+    tl.write_text("".join(f"train/class_{c:03d}/img_000{i}.png\n" for c in range(3) for i in range(2)))
+    vl.write_text("".join(f"val/class_{c:03d}/img_0000.png\n" for c in range(3)))
+    base = ["--data", tiny_folder, "--train_list", str(tl), "--knn_freq", "1", "--image_size", "16"]
+    ds, knn = main_sogclr.build_datasets(main_sogclr.get_parser().parse_args(base + ["--val_list", str(vl)]))
+    assert (len(ds), len(knn.bank), len(knn.queries), knn.num_classes) == (6, 6, 3, 3)
+    with pytest.raises(Exception, match="needs --val_list"):
+        main_sogclr.build_datasets(main_sogclr.get_parser().parse_args(base))

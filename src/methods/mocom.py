@@ -169,9 +169,7 @@ class MoCoM(ContrastiveMethod):
         keys = D.gather_no_grad(k)
         B = k.shape[0] // 2
         chunks = keys.split(B, dim=0)
-        n = keys.shape[0] // 2
-        if self.K % n:
-            raise UserError(f"--moco-k {self.K} must be divisible by the global batch size {n}")
+        n = keys.shape[0] // 2  # K % n == 0 is checked at start-up (check_queue_divisible)
         enqueue_(self.queue[0], torch.cat(chunks[0::2]), self.queue_ptr)
         enqueue_(self.queue[1], torch.cat(chunks[1::2]), self.queue_ptr)
         advance_(self.queue_ptr, n, self.K)

@@ -211,24 +211,23 @@ class Trainer:
         D.barrier()
         return path
 
-    def _resume_path(self) -> str | None:
-        """``--resume``, else the newest of the policy's checkpoint and an interrupted one."""
+    def _resume_source(self) -> tuple[str | None, dict | None]:
+        """(path, loaded checkpoint): ``--resume``, else the newest of the policy's checkpoint and
+        an interrupted one. Each file is read once."""
         if self.cfg.resume or not self.cfg.auto_resume:
-            return self.cfg.resume
+            return self.cfg.resume, (load_checkpoint(self.cfg.resume) if self.cfg.resume else None)
         regular = self.cfg.checkpoint.latest()
         inter = os.path.join(self.cfg.checkpoint.directory, self.cfg.checkpoint.interrupted_name)
-        if not os.path.isfile(inter):
-            return regular
-        if regular is None:
-            return inter
-        pos = lambda c: (int(c["epoch"]), int(c.get("iter", 0)))  # noqa: E731
-        return inter if pos(load_checkpoint(inter)) > pos(load_checkpoint(regular)) else regular
+        cands = [(p, load_checkpoint(p)) for p in (regular, inter) if p and os.path.isfile(p)]
+        if not cands:
+            return None, None
+        pos = lambda c: (int(c["epoch"]), int(c.get("iter", 0))) if isinstance(c, dict) and "epoch" in c else (-1, 0)  # noqa: E731
+        return max(cands, key=lambda pc: pos(pc[1]))
 
     def resume(self) -> None:
-        path = self._resume_path()
+        path, ckpt = self._resume_source()
         if not path:
             return
-        ckpt = load_checkpoint(path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer" not in ckpt:
             raise UserError(f"{path} is not a training checkpoint of this repository (no state_dict/optimizer)")
         if ckpt.get("method", self.cfg.method_name) != self.cfg.method_name or ckpt.get("arch", self.cfg.arch) != self.cfg.arch:

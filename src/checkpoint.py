@@ -160,6 +160,51 @@ def load_into_backbone(model: nn.Module, ckpt_sd: Mapping[str, torch.Tensor], ar
     return prefix
 
 
+def load_into_encoder(model: nn.Module, ckpt_sd: Mapping[str, torch.Tensor], arch: str, *,
+                      source: str = "checkpoint") -> tuple[str, list[str]]:
+    """Load an encoder *with* its projection head (``model`` = ``build_encoder(arch, head)``): the
+    same layout detection as :func:`load_into_backbone`, strict over every key of ``model``,
+    backbone and head. Returns (detected prefix, checkpoint keys under that prefix left unused,
+    e.g. SwAV's ``prototypes.*``). Raises :class:`UserError` naming missing / mis-shaped keys."""
+    want = model.state_dict()
+    best, best_prefix, best_score = {}, "", (-1, 0)
+    for prefix in PREFIXES:
+        cand = {k[len(prefix):]: v for k, v in ckpt_sd.items() if k.startswith(prefix) and torch.is_tensor(v)}
+        hits = sum(1 for k, v in cand.items() if k in want and tuple(v.shape) == tuple(want[k].shape))
+        if (hits, -len(cand)) > best_score:
+            best, best_prefix, best_score = cand, prefix, (hits, -len(cand))
+    missing = [k for k in want if k not in best]
+    shape = [k for k in want if k in best and tuple(best[k].shape) != tuple(want[k].shape)]
+    if missing or shape:
+        head = head_attr(arch)
+        hint = ""
+        if shape:
+            k = shape[0]
+            hint += f"; shape mismatch e.g. {k}: checkpoint {tuple(best[k].shape)} vs model {tuple(want[k].shape)}"
+        if missing:
+            hint += f"; missing e.g. {', '.join(missing[:3])}"
+        heads = sum(1 for k in missing if k.split(".")[0] == head)
+        raise UserError(f"{source} does not fit {arch!r} with its projection head: {len(missing)} keys missing "
+                        f"({heads} of them in the head '{head}') and {len(shape)} mis-shaped (best key prefix "
+                        f"{best_prefix!r}){hint}")
+    model.load_state_dict({k: best[k] for k in want}, strict=True)
+    return best_prefix, sorted(k for k in best if k not in want)
+
+
+def load_encoder(path: str, arch: str, head: nn.Module, *, cifar_stem: bool | None = None,
+                 map_location="cpu") -> nn.Module:
+    """``build_encoder(arch, head)`` with backbone and head loaded from the checkpoint at ``path``
+    (any layout of the module docstring; every key must load). ``model.loaded_prefix`` and
+    ``model.unused_keys`` tell what was found."""
+    from .models.backbones import build_encoder
+    sd = extract_state_dict(load_checkpoint(path, map_location))
+    if cifar_stem is None:
+        cifar_stem = has_cifar_stem(sd)
+    model = build_encoder(arch, head, cifar_stem=cifar_stem)
+    model.loaded_prefix, model.unused_keys = load_into_encoder(model, sd, arch, source=path)
+    return model
+
+
 def has_cifar_stem(sd: Mapping[str, torch.Tensor]) -> bool:
     """A ResNet checkpoint whose first conv is 3×3 was trained with the CIFAR stem."""
     for k, v in sd.items():

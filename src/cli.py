@@ -42,8 +42,7 @@ def engine_config(args: argparse.Namespace, *, batch_size: int, output_dir: str,
                         method_name=method_name, arch=args.arch, args=vars(args), workers=workers,
                         print_freq=args.print_freq, amp=amp_mode(args), channels_last=args.channels_last,
                         resume=args.resume or None, auto_resume=args.auto_resume, seed=args.data_seed,
-                        knn_freq=args.knn_freq, knn_k=args.knn_k, knn_t=args.knn_t,
-                        knn_batch_size=args.knn_batch_size, max_iters=args.max_iters,
+                        knn_freq=args.knn_freq, max_iters=args.max_iters,
                         start_epoch=getattr(args, "start_epoch", 0))
 
 
@@ -74,10 +73,12 @@ def train_dir(data: str, sub: str = "train") -> str:
 
 
 def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes: int | None = None,
-                train_list: str | None = None, val_list: str | None = None) -> KnnMonitor | None:
+                train_list: str | None = None, val_list: str | None = None, workers: int = 4,
+                **monitor_kw) -> KnnMonitor | None:
     """The kNN monitor: bank = ``<data>/train`` (eval transform), queries = ``<data>/val``, each
-    optionally restricted to the first ``num_classes`` folders or to a file list."""
-    if not args.knn_freq:
+    optionally restricted to the first ``num_classes`` folders or to a file list. ``monitor_kw``
+    (``schedule``, ``check``) go to :class:`KnnMonitor`."""
+    if not args.knn_freq and monitor_kw.get("schedule") is None:
         return None
     val = os.path.join(data_root, "val")
     if not os.path.isdir(val):
@@ -93,7 +94,8 @@ def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes:
     if queries.classes != bank.classes:
         what = f"{train_list} and {val_list} list" if train_list else f"{val} and {data_root}/train have"
         raise UserError(f"{what} different classes")
-    return KnnMonitor(bank, queries, len(bank.classes))
+    return KnnMonitor(bank, queries, len(bank.classes), k=args.knn_k, t=args.knn_t,
+                      batch_size=args.knn_batch_size, workers=workers, **monitor_kw)
 
 
 def per_process(total: int, info: D.DistInfo, what: str = "batch size") -> int:

@@ -14,6 +14,7 @@ method code runs in one process and in many.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import sys
@@ -80,7 +81,8 @@ def add_dist_args(parser: argparse.ArgumentParser, *, world_size_default: int = 
 
 
 # ----------------------------------------------------------------------------- launch
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (single-node rendezvous; the tests' launchers use it too)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -166,7 +168,7 @@ def launch(fn: Callable[[DistInfo, argparse.Namespace], None], args: argparse.Na
             if "MASTER_ADDR" in env:
                 url = "env://"
         if nodes == 1 and (url in (None, "", "env://") or _is_unreachable_default(url)):
-            url = f"tcp://127.0.0.1:{_free_port()}"
+            url = f"tcp://127.0.0.1:{free_port()}"
         if nodes * nproc == 1:
             info = DistInfo(device=_pick_device(0, args.gpu))
             fn(info, args)
@@ -291,3 +293,93 @@ def gather_with_grad(t: torch.Tensor, full_grad: bool = True) -> torch.Tensor:
     if not is_dist():
         return t
     return torch.cat(_GatherWithGrad.apply(t, full_grad), 0)
+
+
+# ----------------------------------------------------------------------------- agreement and state sync
+@functools.lru_cache(maxsize=1)
+def cpu_group():
+    """A gloo process group over all ranks for small host-side collectives (stop requests, resume
+    decisions) that must not wait for the GPU stream. The default group when it is gloo already.
+    Created on first use: every rank must reach the first call at the same point."""
+    if not is_dist():
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (a host-side all-reduce MAX)."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group())
+    return bool(t.item())
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (host side)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=cpu_group())
+    return box[0]
+
+
+def agree(ok: bool, message: str = "") -> None:
+    """Collective check: when ``ok`` is False on any rank, every rank raises the same
+    :class:`UserError`, naming the first failing rank and its ``message``."""
+    if not is_dist():
+        if not ok:
+            raise UserError(message)
+        return
+    if not any_rank(not ok):
+        return
+    msgs = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, None if ok else message, group=cpu_group())
+    rank, msg = next((r, m) for r, m in enumerate(msgs) if m is not None)
+    raise UserError(f"[rank {rank}] {msg}")
+
+
+@torch.no_grad()
+def sync_bn_stats_(module: torch.nn.Module) -> int:
+    """Average the BatchNorm running mean/var of ``module`` over all ranks (in place), so that
+    evaluation-mode features (kNN monitor, PCL's E-step) are the same on every rank. Only BN
+    statistics are touched: queues, ``u``, memories and frozen teachers are left alone.
+    Returns the number of BN layers synchronised."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and m.running_mean is not None]
+    if not bns or not is_dist():
+        return len(bns)
+    flat = torch.cat([torch.cat([m.running_mean.float().flatten(), m.running_var.float().flatten()]) for m in bns])
+    all_reduce_mean_(flat)
+    off = 0
+    for m in bns:
+        n = m.running_mean.numel()
+        m.running_mean.copy_(flat[off:off + n].view_as(m.running_mean))
+        m.running_var.copy_(flat[off + n:off + 2 * n].view_as(m.running_var))
+        off += 2 * n
+    return len(bns)
+
+
+@torch.no_grad()
+def state_checksum(tensors) -> torch.Tensor:
+    """A float64 checksum of floating tensors (position-weighted sums), for cross-rank equality checks."""
+    acc = torch.zeros(2, dtype=torch.float64)
+    for i, t in enumerate(tensors):
+        if t.is_floating_point() and t.numel():
+            v = t.detach().double().flatten().cpu()
+            acc[0] += v.sum()
+            acc[1] += (v * (1.0 + (i % 97))).abs().sum()
+    return acc
+
+
+def same_on_all_ranks(tensors) -> bool:
+    """True on every rank when the checksum of ``tensors`` is identical on all ranks."""
+    if not is_dist():
+        return True
+    c = state_checksum(tensors)
+    lo, hi = c.clone(), c.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=cpu_group())
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=cpu_group())
+    return bool(torch.equal(lo, hi))

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch.optim import SGD, Optimizer
@@ -145,6 +145,3 @@ class WarmupCosineLR:
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * (t - self.warmup_epochs) /
                                                      (self.epochs - self.warmup_epochs)))
 
-
-def params_with_grad(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Parameter]:
-    return [p for m in modules for p in m.parameters() if p.requires_grad]

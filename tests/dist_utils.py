@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 
@@ -10,11 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from src.distributed import free_port
 
 
 def _worker(rank, world_size, port, fn, args, out_dir):
@@ -33,7 +28,7 @@ def run_distributed(fn, world_size: int = 2, *args):
     """``fn(rank, world_size, *args)`` must be a module-level function (picklable); its return
     values (tensors, dicts, lists) come back as a list indexed by rank."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world_size, _free_port(), fn, args, d), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, free_port(), fn, args, d), nprocs=world_size, join=True)
         res = [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False) for r in range(world_size)]
     for r, x in enumerate(res):
         if not x["ok"]:

@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
 import torch
 import torch.nn.functional as F
 
+from src.distributed import free_port
 from tests.conftest import ROOT
 
 import eval_knn  # noqa: E402
@@ -68,12 +69,6 @@ def _args(data, ckpt, out):
             "-j", "0", "--image_size", "32", "-b", "5", "--dump_path", out]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_eval_knn_end_to_end_and_two_processes(tiny_folder, moco_ckpt, tmp_path, capsys):
     path, _ = moco_ckpt
@@ -105,7 +100,7 @@ def test_eval_knn_end_to_end_and_two_processes(tiny_folder, moco_ckpt, tmp_path,
     two = str(tmp_path / "two")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), "eval_knn.py", *_args(tiny_folder, path, two)],
+                        "--master_port", str(free_port()), "eval_knn.py", *_args(tiny_folder, path, two)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     r2 = json.load(open(os.path.join(two, "knn_results.json")))

@@ -6,14 +6,15 @@ import json
 import math
 import os
 import pickle
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
 import torch
 
+from src.distributed import free_port
 from tests.conftest import ROOT
 
 import eval_linear  # noqa: E402
@@ -296,12 +297,6 @@ def test_caco_protocol_larc(tiny_folder, moco_ckpt, tmp_path):
     assert ck["state_dict"]["linear.bias"].abs().sum() > 0 and 0 <= res["last_acc1"] <= 100
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single_process(tiny_folder, moco_ckpt, tmp_path):
     """-b 8 per node: 2 processes × 4 images read the same 8 images per step as 1 process × 8
@@ -315,7 +310,7 @@ def test_torchrun_two_processes_match_single_process(tiny_folder, moco_ckpt, tmp
     run_main(common(tiny_folder, path, ev, "--evaluate", "--resume", ck))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), "eval_linear.py",
+                        "--master_port", str(free_port()), "eval_linear.py",
                         *common(tiny_folder, path, two, "--epochs", "1", "--lr", "0.5", "--val_batch_size", "5")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -10,6 +10,8 @@ import sys
 import time
 
 import pytest
+
+from src.distributed import free_port
 import torch
 
 from src.checkpoint import load_backbone, load_checkpoint
@@ -95,20 +97,13 @@ def test_disco_r18_baseline_single_process_then_eval(tmp_path, tiny_folder, repo
 @pytest.mark.slow
 def test_disco_r18_baseline_torchrun_two_processes(tmp_path, tiny_folder, repo_root):
     out = tmp_path / "ddp"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
           "main_moco.py", *_command(R18_BASELINE, tiny_folder, 2), *SMALL, "--output_dir", str(out)], repo_root)
     ck = load_checkpoint(str(out / "checkpoint_0001.pth.tar"))
     # per-process batch 4 × 2 processes; 32 images → 4 iterations per epoch, 8 keys per step
     assert int(ck["state_dict"]["module.queue_ptr"]) == (2 * 4 * 8) % 64
     log = (out / "logs" / "train.log").read_text()
     assert "processes 2" in log and "batch 4 per process, 8 global" in log
-
-
-def _port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -143,7 +138,7 @@ def test_killed_run_resumes_to_identical_state(tmp_path, tiny_folder, repo_root)
 @pytest.mark.slow
 def test_slurm_launch_two_tasks(tmp_path, tiny_folder, repo_root):
     """Two processes started as ``srun`` would start them (SLURM_* variables, MASTER_ADDR/PORT)."""
-    out, port = tmp_path / "slurm", _port()
+    out, port = tmp_path / "slurm", free_port()
     procs = []
     for r in range(2):
         env = {**os.environ, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
@@ -235,7 +230,7 @@ def test_signal_mid_epoch_checkpoint_resumes_exactly(tmp_path, tiny_folder):
         ds = ImageDataset(os.path.join(tiny_folder, "train"), TwoCropsTransform(moco_v2_augmentation(32)))
         opt = torch.optim.SGD(m.encoder_q.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
         cfg = EngineConfig(epochs=3, batch_size=8, output_dir=str(out), checkpoint=CheckpointPolicy(str(out)),
-                           method_name="moco", arch="resnet18", workers=0, print_freq=1)
+                           method_name="moco", arch="resnet18", workers=0, print_freq=1, stop_check_every=1)
         return Trainer(m, opt, MoCoEpochLR(0.03, 3, True), ds, cfg, DistInfo())
 
     trainer(tmp_path / "ref").fit()

@@ -148,7 +148,7 @@ class ImageDataset(Dataset):
         return self._seeded_transform(img, epoch, index), target, index
 
     def _seeded_transform(self, img, epoch: int, index: int):
-        s = (((self.seed * 1_000_003) + epoch) * 1_000_033 + index) % (2 ** 62)
+        s = augmentation_seed(self.seed, epoch, index)
         in_main = get_worker_info() is None
         if in_main:  # keep the main process's RNG streams untouched (num_workers=0)
             states = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -166,19 +166,25 @@ class ImageDataset(Dataset):
 
 class EpochSampler(Sampler):
     """``torch.utils.data.DistributedSampler``'s order (randperm seeded with ``seed + epoch``,
-    padded by repetition, strided by rank), yielding ``(index, epoch)`` for seeded augmentation."""
+    padded by repetition, strided by rank), yielding ``(index, epoch)`` for seeded augmentation.
+
+    ``set_epoch(epoch, consumed)`` resumes an epoch after its first ``consumed`` positions of the
+    padded permutation. After ``it`` iterations of B images on each of W processes exactly the first
+    ``it·B·W`` positions have been read (rank r reads positions r, r+W, ...), so a run resumed with
+    another number of processes or batch size splits exactly the unread rest over its processes."""
 
     def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
         self.n, self.num_replicas, self.rank, self.shuffle, self.seed = n, num_replicas, rank, shuffle, seed
         self.epoch = 0
-        self.skip = 0  # samples of this rank already consumed (a run resumed in the middle of an epoch)
+        self.consumed = 0  # positions of this epoch's padded permutation already read (by all ranks)
         self.num_samples = math.ceil(n / num_replicas)
         self.total_size = self.num_samples * num_replicas
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        self.epoch, self.consumed = epoch, consumed
 
-    def indices(self) -> list[int]:
+    def order(self) -> list[int]:
+        """The epoch's padded permutation (length ``total_size``)."""
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
@@ -188,13 +194,23 @@ class EpochSampler(Sampler):
         pad = self.total_size - len(idx)
         if pad > 0:
             idx += (idx * math.ceil(pad / len(idx)))[:pad]
-        return idx[self.rank:self.total_size:self.num_replicas][self.skip:]
+        return idx
+
+    def _rest(self) -> list[int]:
+        rest = self.order()[self.consumed:]
+        pad = -len(rest) % self.num_replicas
+        if pad and rest:  # only after a re-map to another world size
+            rest += (rest * math.ceil(pad / len(rest)))[:pad]
+        return rest
+
+    def indices(self) -> list[int]:
+        return self._rest()[self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter([(i, self.epoch) for i in self.indices()])
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        return len(self._rest()) // self.num_replicas
 
 
 class ShardSampler(Sampler):
@@ -217,4 +233,14 @@ def collate_crops(batch):
         views = [torch.stack([c[v] for c in crops]) for v in range(len(crops[0]))]
     else:
         views = torch.stack(crops)
+    if torch.is_tensor(targets[0]) and targets[0].ndim:  # multi-label targets: one vector per image
+        return views, torch.stack(targets), torch.as_tensor(index)
     return views, torch.as_tensor(targets), torch.as_tensor(index)
+
+
+def augmentation_seed(seed: int, epoch: int, index):
+    """The seed of one image's augmentation in one epoch: a function of (seed, epoch, index) only.
+    ``index`` may be an int or an int64 tensor (the device-side batch transforms use the same
+    seeds as the CPU path)."""
+    base = ((seed * 1_000_003 + epoch) * 1_000_033) % (2 ** 62)
+    return (base + index) % (2 ** 62)

@@ -3,16 +3,19 @@
 A method is an ``nn.Module`` that owns all of its state as parameters or buffers (queue, SogCLR
 ``u``, CaCo memory, PCL clustering), so that ``state_dict()`` is a complete resume. The engine
 calls, per iteration, ``forward(crops, index) -> dict`` (``loss`` plus scalar metrics), and the hooks
-below; nothing method-specific lives in the loop.
+below (docs/architecture.md); nothing method-specific lives in the loop.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from ..models.backbones import head_attr
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.hooks import FitContext, StepInfo
 
 
 class Headless(nn.Module):
@@ -38,25 +41,53 @@ class Headless(nn.Module):
 
 
 class ContrastiveMethod(nn.Module):
-    """Default (no-op) hooks. Subclasses set ``self.arch`` and ``self.encoder_q``."""
+    """The engine's hooks, all no-ops by default. Subclasses set ``self.arch`` and ``self.encoder_q``.
+
+    Order within a run: ``on_fresh_start`` (only when the run did not resume) → per epoch
+    ``on_epoch_start`` → per step ``forward`` → backward → ``before_optimizer_step`` →
+    ``optimizer.step`` → ``after_step``."""
 
     arch: str
     encoder_q: nn.Module
 
-    def on_epoch_start(self, epoch: int, engine: Any = None) -> None:
-        """Called before every epoch, also the first after a resume. When a run resumes in the
-        middle of an epoch (``engine.resumed_mid_epoch``), per-epoch state that lives in buffers
-        (restored from the checkpoint) must not be recomputed."""
+    def on_fresh_start(self, ctx: "FitContext") -> None:
+        """Before the first epoch of a run that did not resume (CaCo's ``--ad_init`` warm-up,
+        through ``ctx.step`` so AMP, the lr and the logging are the engine's)."""
 
-    def after_step(self) -> None:
-        """Called after each optimiser step (CaCo's memory update)."""
+    def on_epoch_start(self, epoch: int, ctx: "FitContext | None" = None) -> None:
+        """Before every epoch, also the first after a resume. When a run resumes in the middle of
+        an epoch (``ctx.resumed_mid_epoch``), per-epoch state that lives in buffers (restored from
+        the checkpoint) must not be recomputed."""
+
+    def before_optimizer_step(self, step: "StepInfo") -> None:
+        """After backward (gradients unscaled), before ``optimizer.step`` (SwAV freezes its
+        prototypes' gradients for the first iterations)."""
+
+    def after_step(self, step: "StepInfo") -> None:
+        """After the optimiser step. ``step.applied`` is False when GradScaler skipped it (fp16
+        overflow): state updates tied to the step must be skipped then."""
+
+    def frozen_modules(self) -> list[str]:
+        """Attribute names of frozen submodules (a DisCo teacher): no gradient, never in the
+        optimiser (build it from :meth:`trainable_parameters`), ignored by DDP, and left out of
+        the training checkpoints unless the run asks to keep them."""
+        return []
+
+    def is_frozen_key(self, key: str) -> bool:
+        return any(key == n or key.startswith(n + ".") for n in self.frozen_modules())
+
+    def frozen_state_names(self) -> list[str]:
+        """Fully qualified parameter and buffer names of the frozen modules (DDP's ignore list)."""
+        names = [n for n, _ in self.named_parameters()] + [n for n, _ in self.named_buffers()]
+        return [n for n in names if self.is_frozen_key(n)]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that require a gradient, outside the frozen modules."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and not self.is_frozen_key(n)]
 
     def backbone(self) -> nn.Module:
         """The network whose pooled features are evaluated (kNN monitor, export)."""
         return Headless(self.encoder_q, self.arch)
-
-    def trainable_modules(self) -> list[nn.Module]:
-        return [self.encoder_q]
 
     def extra_checkpoint_items(self) -> dict[str, Any]:
         """Extra top-level checkpoint keys of the official layout (e.g. SogCLR's ``u``)."""

@@ -155,7 +155,7 @@ class MoCoM(ContrastiveMethod):
         self.register_buffer("queue", init_queue(dim, K, planes=2))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
-    def on_epoch_start(self, epoch: int, engine=None) -> None:
+    def on_epoch_start(self, epoch: int, ctx=None) -> None:
         active = self.lorac and epoch >= self.epoch_lorac_starts
         if active and not self.lorac_active:
             log.info("epoch %d: LORAC low-rank prior on (beta %g, %s)", epoch, self.beta,

@@ -123,9 +123,6 @@ class SogCLR(ContrastiveMethod):
     def backbone(self) -> nn.Module:
         return Headless(self.base_encoder, self.arch)
 
-    def trainable_modules(self) -> list[nn.Module]:
-        return [self.base_encoder]
-
     def state_dict_from_checkpoint(self, state_dict: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:
         """An official checkpoint keeps ``u`` (N×1, N hard-coded: 1281167+1 for ImageNet-1k, 129395+1
         for ImageNet-100) outside ``state_dict``: its first ``len(dataset)`` entries are this run's u

@@ -56,9 +56,16 @@ ARCHS: dict[str, ArchSpec] = {
     "efficientb1": ArchSpec(_timm("efficientnet_b1"), 1280, "classifier", "timm"),
     "mobilenetv3": ArchSpec(_timm("mobilenetv3_large_100"), 1280, "classifier", "timm"),
 }
-ARCHS["efficientnet_b0"] = ARCHS["efficientb0"]
-ARCHS["efficientnet_b1"] = ARCHS["efficientb1"]
-ARCHS["mobilenetv3_large_100"] = ARCHS["mobilenetv3"]
+#: other names of the same network (resume accepts a checkpoint written under any of them)
+ALIASES = {"mocom_r18": "resnet18", "mocom_r50": "resnet50", "efficientnet_b0": "efficientb0",
+           "efficientnet_b1": "efficientb1", "mobilenetv3_large_100": "mobilenetv3"}
+for _alias, _name in ALIASES.items():
+    ARCHS.setdefault(_alias, ARCHS[_name])
+
+
+def canonical_arch(arch: str) -> str:
+    """One name per network: ``mocom_r50`` → ``resnet50``, ``efficientnet_b0`` → ``efficientb0``."""
+    return ALIASES.get(arch, arch)
 
 
 def arch_spec(arch: str) -> ArchSpec:

@@ -1,0 +1,63 @@
+"""One optimisation step, shared by every training loop (pretraining, warm-up phases such as
+CaCo's ``--ad_init``, the linear probe, fine-tuning).
+
+lr → forward under autocast → scaled backward → unscale (LARC/LARS need the true gradients) →
+``before_step`` hook → ``optimizer.step`` (skipped by GradScaler on an fp16 overflow) → scaler
+update → :class:`StepInfo` with ``applied``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from ..optim import set_lr
+from .hooks import StepInfo
+
+log = logging.getLogger("ssl")
+
+
+def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
+    """fp16 / bf16 autocast on CUDA; None (fp32) otherwise."""
+    if device.type != "cuda" or not amp:
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+class TrainStep:
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, amp: str | None = None,
+                 before_step: Callable[[StepInfo], None] | None = None, force_scaler: bool = False):
+        self.optimizer, self.device, self.before_step = optimizer, device, before_step
+        self.dtype = amp_dtype(amp, device)
+        if amp and self.dtype is None:
+            log.info("%s autocast is CUDA-only: this run trains in fp32", amp)
+        # force_scaler: loss scaling without autocast (tests of the skipped-step path on the CPU)
+        enabled = self.dtype is torch.float16 or force_scaler
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def __call__(self, loss_fn: Callable[[], dict], lr: float, epoch: int, iteration: int,
+                 global_step: int) -> tuple[dict, StepInfo]:
+        set_lr(self.optimizer, lr)
+        with self.autocast():
+            out = loss_fn()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out["loss"]).backward()
+        info = StepInfo(epoch, iteration, global_step, lr, applied=None)
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        if self.before_step is not None:
+            self.before_step(info)
+        if self.scaler.is_enabled():
+            # GradScaler.step already syncs on its inf check; reading the scale adds nothing
+            before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            info.applied = self.scaler.get_scale() >= before  # the scale backs off exactly on a skipped step
+        else:
+            self.optimizer.step()
+            info.applied = True
+        return {k: v.detach() for k, v in out.items()}, info

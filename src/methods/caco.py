@@ -160,10 +160,11 @@ class CaCo(ContrastiveMethod):
     def __init__(self, arch: str, dim: int = 256, mlp_dim: int = 2048, K: int = 65536, moco_t: float = 0.08,
                  mem_t: float = 0.08, moco_m: float = 0.99, moco_m_decay: bool = True, mem_momentum: float = 0.9,
                  memory_lr: float = 3.0, memory_lr_final: float = 3.0, epochs: int = 200, warmup_epochs: int = 10,
-                 multi_crop: bool = False, ad_init: bool = True, ad_init_lr: float = 0.0, cifar_stem: bool = False):
+                 multi_crop: bool = False, ad_init: bool = True, ad_init_lr: float = 0.0, cifar_stem: bool = False,
+                 mem_wd: float = 0.0):
         super().__init__()
         self.arch, self.K, self.moco_t, self.mem_t = arch, K, moco_t, mem_t
-        self.moco_m, self.moco_m_decay, self.mem_momentum = moco_m, moco_m_decay, mem_momentum
+        self.moco_m, self.moco_m_decay, self.mem_momentum, self.mem_wd = moco_m, moco_m_decay, mem_momentum, mem_wd
         self.memory_lr, self.memory_lr_final = memory_lr, memory_lr_final
         self.epochs, self.warmup_epochs, self.multi_crop = epochs, warmup_epochs, multi_crop
         self.ad_init, self.ad_init_lr = ad_init, ad_init_lr
@@ -195,6 +196,8 @@ class CaCo(ContrastiveMethod):
         z, logits, labels, pairs = cache
         g = memory_grad(z, logits, labels, pairs, self.W.float(), self.mem_t)
         D.all_reduce_mean_(g)
+        if self.mem_wd:  # off by default: the official step has no weight decay (--apply_mem_wd)
+            g.add_(self.W, alpha=self.mem_wd)
         memory_step_(self.W, self.v, g.to(self.W.dtype), self.mem_momentum, self.mem_lr)
 
     def on_fresh_start(self, ctx: Any) -> None:

@@ -27,7 +27,7 @@ from src import distributed as D
 from src.cli import add_engine_args, engine_config, knn_monitor, print_setup, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, caco_augmentations, caco_multicrop
-from src.engine import CheckpointPolicy, Trainer, seed_everything
+from src.engine import CheckpointPolicy, KnnMonitor, Trainer, seed_everything
 from src.errors import UserError, cli_main
 from src.logger import save_args, setup_logging
 from src.methods.caco import CaCo, CaCoEpochLR, memory_lr_at_epoch, momentum_at_epoch
@@ -176,6 +176,17 @@ def collapse_guard(method: CaCo, out: str, info: D.DistInfo, stop: bool):
     return check
 
 
+def build_knn(args: argparse.Namespace, data: str, method: CaCo, out: str, workers: int, batch_size: int,
+              info: D.DistInfo) -> KnnMonitor | None:
+    """B5: bank = the first ``--knn_bank_fraction`` (0.2) of every train class, queries = <data>/val,
+    after epoch e when ``e % knn_freq == 0 or e <= 20``; the collapse guard as the check."""
+    if not args.knn_freq:
+        return None
+    return knn_monitor(args, data, workers=workers, pick_first=args.knn_bank_fraction, batch_size=batch_size,
+                       schedule=lambda e: e % args.knn_freq == 0 or e <= COLLAPSE_EPOCH,
+                       check=collapse_guard(method, out, info, args.knn_collapse_exit))
+
+
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     out = run_dir(args)
     setup_logging(out, info.rank)
@@ -216,12 +227,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
                 f", m epoch 0 {momentum_at_epoch(0, args.moco_m, args.epochs, bool(args.moco_m_decay)):.4g}")
     if info.is_main:
         save_args(args, out)
-    knn = None
-    if args.knn_freq:
-        knn = knn_monitor(args, args.data, workers=workers, pick_first=args.knn_bank_fraction,
-                          batch_size=per_process(args.knn_batch_size, args, info, "--knn_batch_size"),
-                          schedule=lambda e: e % args.knn_freq == 0 or e <= COLLAPSE_EPOCH,
-                          check=collapse_guard(method, out, info, args.knn_collapse_exit))
+    knn = build_knn(args, args.data, method, out, workers,
+                    per_process(args.knn_batch_size, args, info, "--knn_batch_size"), info)
     cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=checkpoint_policy(out),
                         method_name="caco", workers=workers)
     Trainer(method, optimizer, schedule, train_set, cfg, info, knn).fit()

@@ -137,8 +137,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be at least 1")
     if args.batch_size % args.nodes_num:
         raise UserError(f"--batch_size {args.batch_size} is not divisible by --nodes_num {args.nodes_num}")
-    if args.warmup_epochs >= args.epochs:
-        raise UserError(f"--warmup_epochs {args.warmup_epochs} must be smaller than --epochs {args.epochs}")
     if args.knn_freq < 0 or not 0 < args.knn_bank_fraction <= 1:
         raise UserError("--knn_freq must be >= 0 and --knn_bank_fraction in (0, 1]")
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 import main_caco
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 # README 1.1 (batch 1024, one node) with sizes changed, + -a resnet18 --image_size 32
@@ -22,7 +23,7 @@ SEED = ("--type=0 --lr=0.3 --lr_final=0.003 --memory_lr=3.0 --memory_lr_final=3.
         "--mem_t=0.08 --dist_url=tcp://localhost:10001 --batch_size=8 --wd=1.5e-6 --mem_wd=0 --moco_dim=8 "
         "--moco_m=0.99 --moco_m_decay=1 --mlp_dim=16 --epochs=2 --warmup_epochs=1 --nodes_num=1 --workers=0 "
         "--world_size 1 --rank=0 --mem_momentum=0.9 --ad_init=1 --knn_batch_size=16 --multi_crop=0 --knn_freq=10 "
-        "-a resnet18 --image_size 32")
+        "-a resnet18 --image_size 32 --max_iters 2")
 # README 2 (multi-crop, --nodes_num=4 on 4 nodes) as 2 "nodes' worth" of batch on one node of 2 processes
 MULTI = SEED.replace("--multi_crop=0", "--multi_crop=1").replace("--nodes_num=1", "--nodes_num=2") \
     .replace("--batch_size=8", "--batch_size=16").replace("--epochs=2", "--epochs=1") + " --size_crops 32 16"
@@ -38,7 +39,7 @@ def _jsonl(out: str) -> list[dict]:
 
 
 def _warmup_rows(out: str) -> list[dict]:
-    return [r for r in _jsonl(out) if any(k.startswith("warmup/") for k in r)]
+    return [r for r in _jsonl(out) if "ad_init_filled" in r]
 
 
 def _two_procs(args: str, data: str, cwd: str, repo_root: str) -> subprocess.CompletedProcess:
@@ -51,9 +52,9 @@ def _two_procs(args: str, data: str, cwd: str, repo_root: str) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def single_run(tiny_folder, tmp_path_factory, repo_root):
+def single_run(tiny_folder, tmp_path_factory):
     cwd = str(tmp_path_factory.mktemp("caco_cwd"))
-    r = _two_procs(SEED, tiny_folder, cwd, repo_root)
+    r = _two_procs(SEED, tiny_folder, cwd, ROOT)
     return r, os.path.join(cwd, "train_log/ImageNet/Type_0/lr_0.3_0.003/memlr_3.0_3.0/t_0.08_memt0.08/"
                                 "wd_1.5e-06_memwd0.0/mocomdecay_0.99/memgradm_0.9/hidden16_out8/batch_8/epoch_2/warm_1")
 
@@ -76,7 +77,7 @@ def test_seed_single_crop_two_processes(single_run):
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.3 * 8 / 256)
     # ad_init: 16 columns at global batch 8 = 2 warm-up steps before epoch 0
     warm = _warmup_rows(out)
-    assert [row["warmup/filled"] for row in warm] == [8, 16]
+    assert [row["ad_init_filled"] for row in warm] == [8, 16]
     # kNN monitor at epochs 0 and 1 (every epoch <= 20), appended to knn.log
     with open(os.path.join(out, "knn.log")) as f:
         lines = f.read().splitlines()
@@ -92,7 +93,7 @@ def test_seed_multi_crop_two_processes(tiny_folder, tmp_path, repo_root):
     assert "multi-crop" in r.stdout
     ck = _ckpt(os.path.join(out, "checkpoint_best.pth.tar"))
     assert ck["epoch"] == 1 and ck["Memory_Bank"]["v"].abs().sum() > 0
-    assert [row["warmup/filled"] for row in _warmup_rows(out)] == [8, 16]
+    assert [row["ad_init_filled"] for row in _warmup_rows(out)] == [8, 16]
 
 
 def test_seed_linear_command(single_run, tiny_folder, tmp_path):
@@ -168,7 +169,7 @@ def test_knn_monitor_known_answer(tmp_path):
     rot = dict(zip(colours, list(colours.values())[1:] + list(colours.values())[:1]))
     _colour_folder(str(tmp_path / "rot" / "train"), colours, 10)
     _colour_folder(str(tmp_path / "rot" / "val"), rot, 3)
-    args = main_caco.get_parser().parse_args(["--data", str(root), "--image_size", "32", "--knn_freq", "1"])
+    args = main_caco.get_parser().parse_args(["--data", str(root), "--image_size", "32", "--knn_freq", "10"])
     torch.manual_seed(0)
     from src.methods.caco import CaCo
     method = CaCo("resnet18", dim=8, mlp_dim=16, K=8)
@@ -179,7 +180,7 @@ def test_knn_monitor_known_answer(tmp_path):
         assert len(knn.queries) == 12
         top1, _ = knn.run(method, torch.device("cpu"))
         assert top1 == pytest.approx(expected)
-    assert knn.schedule(0) and knn.schedule(20) and not knn.schedule(21)
+    assert knn.schedule(0) and knn.schedule(20) and not knn.schedule(21) and knn.schedule(30)
 
 
 def test_collapse_guard_warns_or_stops(tmp_path, caplog):

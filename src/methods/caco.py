@@ -211,7 +211,7 @@ class CaCo(ContrastiveMethod):
             out, _ = ctx.step(lambda: ctx.forward(crops, index, phase="ad_init"), lr=self.ad_init_lr, iteration=i)
             keys, self._init_keys = self._init_keys, None
             filled = self.write_keys_(keys, filled)
-            ctx.log({"iter": i, "loss": float(out["loss"]), "acc1": float(out["acc1"]), "filled": filled})
+            ctx.log({"iter": i, "loss": float(out["loss"]), "acc1": float(out["acc1"]), "ad_init_filled": filled})
             if filled >= self.K:
                 break
         if filled < self.K:

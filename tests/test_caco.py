@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from src.engine.hooks import StepInfo
 from src.errors import UserError
 from src.methods.caco import (CaCo, CaCoEpochLR, crop_pairs, lr_at_epoch, memory_grad, memory_lr_at_epoch,
                               memory_step_, momentum_at_epoch, normalized_memory, pair_loss, select_positives)
@@ -201,16 +201,38 @@ def test_after_step_applies_memory_update_and_skips_when_step_not_applied():
     m.on_epoch_start(2)
     m(crops(), torch.arange(4))
     W0, v0 = m.W.clone(), m.v.clone()
-    m.after_step(SimpleNamespace(applied=False))
+    m.after_step(StepInfo(0, 0, 0, 0.1, applied=False))
     assert torch.equal(m.W, W0) and torch.equal(m.v, v0) and m._cache is None
-    m.after_step(SimpleNamespace(applied=True))  # cache consumed: still nothing
+    m.after_step(StepInfo(0, 0, 0, 0.1, applied=True))  # cache consumed: still nothing
     assert torch.equal(m.W, W0)
     m(crops(), torch.arange(4))
     z, logits, labels, pairs = m._cache
     g = memory_grad(z, logits, labels, pairs, W0, 0.1)
-    m.after_step(SimpleNamespace(applied=True))
+    m.after_step(StepInfo(0, 0, 0, 0.1, applied=True))
     torch.testing.assert_close(m.v, g)
     torch.testing.assert_close(m.W, W0 - 2.0 * g)
+
+
+def test_fp16_overflow_skip_through_the_engine_step_leaves_memory_unchanged():
+    """The engine's TrainStep with loss scaling on the CPU: an overflowing loss makes GradScaler skip
+    the optimizer step (applied False), and the memory step is skipped with it; a finite step applies."""
+    from src.engine.step import TrainStep
+    m = tiny_caco()
+    m.on_epoch_start(2)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    step = TrainStep(opt, torch.device("cpu"), force_scaler=True)
+    W0, v0, p0 = m.W.clone(), m.v.clone(), [p.clone() for p in m.encoder_q.parameters()]
+
+    def overflow():
+        out = m(crops(), torch.arange(4))
+        return {**out, "loss": out["loss"] * float("inf")}
+    _, info = step(overflow, 0.1, 2, 0, 0)
+    m.after_step(info)
+    assert info.applied is False and torch.equal(m.W, W0) and torch.equal(m.v, v0)
+    assert all(torch.equal(a, b) for a, b in zip(m.encoder_q.parameters(), p0))
+    _, info = step(lambda: m(crops(), torch.arange(4)), 0.1, 2, 1, 1)
+    m.after_step(info)
+    assert info.applied is True and not torch.equal(m.W, W0) and m.v.abs().sum() > 0
 
 
 class FakeContext:
@@ -237,7 +259,7 @@ class FakeContext:
         out["loss"].backward()
         self.opt.step()
         self.steps += 1
-        return {k: v.detach() for k, v in out.items()}, SimpleNamespace(applied=True)
+        return {k: v.detach() for k, v in out.items()}, StepInfo(0, 0, 0, 0.1, applied=True)
 
     def log(self, metrics, prefix="warmup/"):
         pass

@@ -6,11 +6,11 @@ per-rank batch means) must then give the single-process update, identically on e
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from src.engine.hooks import StepInfo
 from tests.dist_utils import run_distributed
 from tests.test_caco import crops, tiny_caco
 
@@ -31,7 +31,7 @@ def _run_one(rank: int, world_size: int, multi_crop: bool) -> dict:
     for step in range(3):
         c = [x[sl] for x in crops(n_crops, GLOBAL_B, seed=step)]
         res = m(c, torch.arange(GLOBAL_B)[sl])
-        m.after_step(SimpleNamespace(applied=True))
+        m.after_step(StepInfo(0, 0, 0, 0.1, applied=True))
         out["W"].append(m.W.clone())
         out["v"].append(m.v.clone())
         out["loss"].append(res["loss"].detach())

@@ -9,8 +9,19 @@ import torch.nn.functional as F
 
 from src.engine.hooks import StepInfo
 from src.errors import UserError
-from src.methods.caco import (CaCo, CaCoEpochLR, crop_pairs, lr_at_epoch, memory_grad, memory_lr_at_epoch,
-                              memory_step_, momentum_at_epoch, normalized_memory, pair_loss, select_positives)
+from src.methods.caco import (
+    CaCo,
+    CaCoEpochLR,
+    crop_pairs,
+    lr_at_epoch,
+    memory_grad,
+    memory_lr_at_epoch,
+    memory_step_,
+    momentum_at_epoch,
+    normalized_memory,
+    pair_loss,
+    select_positives,
+)
 
 
 def unit(*shape, seed=0):
@@ -189,7 +200,7 @@ def test_forward_updates_ema_before_the_keys_and_caches_pre_step_outputs():
     out = m(crops(), torch.arange(4))
     for pk, pk0, pq in zip(m.encoder_k.parameters(), k_before, q_params):
         torch.testing.assert_close(pk, 0.9 * pk0 + 0.1 * pq)
-    z, logits, labels, pairs = m._cache
+    _, logits, labels, pairs = m._cache
     assert pairs == [(0, 1, 1.0), (1, 0, 1.0)] and logits[0].shape == (4, 12)
     expected = pair_loss(logits, labels, pairs, 0.2)
     torch.testing.assert_close(out["loss"].detach(), expected)

@@ -6,7 +6,6 @@ per-rank batch means) must then give the single-process update, identically on e
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -104,7 +104,8 @@ def test_seed_linear_command(single_run, tiny_folder, tmp_path):
                       "--dist-url", "tcp://localhost:10001", "--multiprocessing-distributed", "--world-size", "1",
                       "--rank", "0", "--data", tiny_folder, "--epochs", "1", "--workers", "0", "--image_size", "32",
                       "--dump_path", str(tmp_path)])
-    res = json.load(open(os.path.join(str(tmp_path), "results.json")))
+    with open(os.path.join(str(tmp_path), "results.json")) as f:
+        res = json.load(f)
     assert res["protocol"] == "caco" and res["lr"] == pytest.approx(0.025 * 16 / 256)
 
 
@@ -192,7 +193,7 @@ def test_collapse_guard_warns_or_stops(tmp_path, caplog):
     main_caco.collapse_guard(m, str(tmp_path), info, stop=True)(19, 0.5)  # before epoch 20: nothing
     with pytest.raises(UserError, match="collapsed"):
         main_caco.collapse_guard(m, str(tmp_path), info, stop=True)(20, 1.0)
-    assert open(tmp_path / "knn.log").read().splitlines()[0] == "25 epoch KNN monitor Accuracy 0.500000"
+    assert (tmp_path / "knn.log").read_text().splitlines()[0] == "25 epoch KNN monitor Accuracy 0.500000"
 
 
 @pytest.mark.parametrize("extra,msg", [

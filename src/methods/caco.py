@@ -208,7 +208,8 @@ class CaCo(ContrastiveMethod):
             return
         filled = 0
         for i, (crops, _, index) in enumerate(ctx.batches(0)):
-            out, _ = ctx.step(lambda: ctx.forward(crops, index, phase="ad_init"), lr=self.ad_init_lr, iteration=i)
+            out, _ = ctx.step(lambda c=crops, ix=index: ctx.forward(c, ix, phase="ad_init"), lr=self.ad_init_lr,
+                              iteration=i)
             keys, self._init_keys = self._init_keys, None
             filled = self.write_keys_(keys, filled)
             ctx.log({"iter": i, "loss": float(out["loss"]), "acc1": float(out["acc1"]), "ad_init_filled": filled})

@@ -74,10 +74,11 @@ def train_dir(data: str, sub: str = "train") -> str:
 
 def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes: int | None = None,
                 train_list: str | None = None, val_list: str | None = None, workers: int = 4,
-                **monitor_kw) -> KnnMonitor | None:
+                pick_first: float | None = None, **monitor_kw) -> KnnMonitor | None:
     """The kNN monitor: bank = ``<data>/train`` (eval transform), queries = ``<data>/val``, each
-    optionally restricted to the first ``num_classes`` folders or to a file list. ``monitor_kw``
-    (``schedule``, ``check``) go to :class:`KnnMonitor`."""
+    optionally restricted to the first ``num_classes`` folders or to a file list; ``pick_first``
+    keeps the first fraction of every bank class (CaCo: 0.2). ``monitor_kw`` (``schedule``,
+    ``check``, ``batch_size`` per process, default ``--knn_batch_size``) go to :class:`KnnMonitor`."""
     if not args.knn_freq and monitor_kw.get("schedule") is None:
         return None
     val = os.path.join(data_root, "val")
@@ -89,13 +90,14 @@ def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes:
     kw = {"std": std} if std is not None else {}
     tf = eval_transform(args.image_size, **kw)
     n = None if train_list else num_classes
-    bank = ImageDataset(os.path.join(data_root, "train"), tf, file_list=train_list, num_classes=n)
+    bank = ImageDataset(os.path.join(data_root, "train"), tf, file_list=train_list, num_classes=n,
+                        pick_first=pick_first)
     queries = ImageDataset(val, tf, file_list=val_list, num_classes=n)
     if queries.classes != bank.classes:
         what = f"{train_list} and {val_list} list" if train_list else f"{val} and {data_root}/train have"
         raise UserError(f"{what} different classes")
-    return KnnMonitor(bank, queries, len(bank.classes), k=args.knn_k, t=args.knn_t,
-                      batch_size=args.knn_batch_size, workers=workers, **monitor_kw)
+    monitor_kw.setdefault("batch_size", args.knn_batch_size)
+    return KnnMonitor(bank, queries, len(bank.classes), k=args.knn_k, t=args.knn_t, workers=workers, **monitor_kw)
 
 
 def per_process(total: int, info: D.DistInfo, what: str = "batch size") -> int:

@@ -82,11 +82,26 @@ def read_file_list(list_path: str, root: str) -> list[tuple[str, str]]:
     return out
 
 
+def first_fraction_per_class(samples: list[tuple[str, int]], fraction: float) -> list[tuple[str, int]]:
+    """The first ``int(n_c · fraction)`` samples (sorted order) of every class c (CaCo's kNN bank,
+    ``pick_first=0.2``, sogclr_caco.md B5). The official code counts every directory entry of the
+    class folder for n_c; only image files are counted here."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"pick_first must be in (0, 1], not {fraction}")
+    per_class: dict[int, list[tuple[str, int]]] = {}
+    for s in samples:
+        per_class.setdefault(s[1], []).append(s)
+    out = [s for t in sorted(per_class) for s in per_class[t][:int(len(per_class[t]) * fraction)]]
+    if not out:
+        raise UserError(f"pick_first={fraction} keeps no image (every class has fewer than {1 / fraction:.0f})")
+    return out
+
+
 class ImageDataset(Dataset):
     """ImageFolder returning ``(crops, target, index)``; see the module docstring."""
 
     def __init__(self, root: str, transform: Callable | None = None, file_list: str | None = None,
-                 num_classes: int | None = None, seed: int = 0):
+                 num_classes: int | None = None, seed: int = 0, pick_first: float | None = None):
         self.root, self.transform, self.seed = root, transform, seed
         if file_list:
             pairs = read_file_list(file_list, root)
@@ -111,6 +126,8 @@ class ImageDataset(Dataset):
             self.samples = _scan(root, classes)
         if not self.samples:
             raise UserError(f"no images found under {root} (extensions: {', '.join(IMG_EXTENSIONS[:6])} ...)")
+        if pick_first is not None:
+            self.samples = first_fraction_per_class(self.samples, pick_first)
         self.targets = [t for _, t in self.samples]
         self._skipped = multiprocessing.Value("i", 0)
 

@@ -132,6 +132,19 @@ def caco_augmentations(size: int = 224) -> tuple[T.Compose, T.Compose]:
     return view(1.0, 0.0), view(0.1, 0.2)
 
 
+def caco_multicrop(size_crops: Sequence[int], nmb_crops: Sequence[int], min_scale_crops: Sequence[float],
+                   max_scale_crops: Sequence[float], init_size: int = 224) -> MultiCropTransform:
+    """CaCo ``Multi_Transform`` (sogclr_caco.md B4): crop 0 = RRC(init_size, (0.14, 1)), then
+    ``nmb_crops[i]`` crops RRC(size_crops[i], (min_i, max_i)); every crop: jitter(0.4,0.4,0.4,0.1)
+    p=0.8 → gray 0.2 → blur p=0.5 → flip (no solarize), ImageNet std. Crops 0 and 1 go to the
+    momentum encoder (keys), all crops to the online encoder."""
+    kw = dict(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, std=IMAGENET_STD, order="caco")
+    first = MultiCropTransform([init_size], [1], [0.14], [1.0], **kw)
+    out = MultiCropTransform(size_crops, nmb_crops, min_scale_crops, max_scale_crops, **kw)
+    out.trans = first.trans + out.trans
+    return out
+
+
 def eval_transform(size: int = 224, std: Sequence[float] = IMAGENET_STD, resize: int | None = None) -> T.Compose:
     """Resize(256) → CenterCrop(224) (scaled as 256/224 for other sizes) → ToTensor → Normalize."""
     resize = resize or int(round(size * 256 / 224))

@@ -66,6 +66,11 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def zero_init_residual(args: argparse.Namespace) -> bool:
+    """``--zero_init_residual``, by default on exactly for DisCo's baselines (``--hidden`` given)."""
+    return args.hidden is not None if args.zero_init_residual is None else args.zero_init_residual
+
+
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     out = args.output_dir or "."
     setup_logging(out, info.rank)
@@ -76,7 +81,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     aug = moco_v2_augmentation(args.image_size) if args.aug_plus else moco_v1_augmentation(args.image_size)
     train_set = ImageDataset(train_dir(args.data), TwoCropsTransform(aug), seed=args.data_seed)
     groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
-    zero_init = args.hidden is not None if args.zero_init_residual is None else args.zero_init_residual
+    zero_init = zero_init_residual(args)
     method = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.hidden,
                   cifar_stem=args.cifar_stem, shuffle_groups=groups, zero_init_residual=zero_init).to(info.device)
     if zero_init and arch_spec(args.arch).family == "resnet":

@@ -28,7 +28,7 @@ def test_moco_baselines_with_hidden_zero_init_the_last_bn(tiny_folder):
     seed = ["-a", "resnet18", "--mlp", "--hidden", "1280", tiny_folder]
     for argv, zero in ((seed, True), (seed[:3] + seed[5:], False), (seed + ["--zero_init_residual", "false"], False)):
         args = main_moco.get_parser().parse_args(argv)
-        zi = args.hidden is not None if args.zero_init_residual is None else args.zero_init_residual
+        zi = main_moco.zero_init_residual(args)
         m = MoCo(args.arch, 16, 32, mlp=args.mlp, hidden=args.hidden, zero_init_residual=zi)
         ws = _last_bn_weights(m.encoder_q)
         assert len(ws) == 8 and all(bool((w == 0).all()) == zero for w in ws), argv

@@ -109,18 +109,19 @@ def decide(policy: CheckpointPolicy, resume: str | None, auto_resume: bool) -> t
     plan, err = D.broadcast_object((plan, err))
     if err:
         raise UserError(err)
-    if plan is None or D.get_rank() == 0:
+    if plan is None:
         return plan, ck
     msg = ""
-    try:
-        if not os.path.isfile(plan.path):
-            raise UserError(f"cannot see {plan.path}, the checkpoint rank 0 resumes from: the output "
-                            "directory must be shared by all nodes (or give every node a copy and --resume)")
-        ck = load_checkpoint(plan.path)
-        if _position(ck) != (plan.epoch, plan.iter):
-            raise UserError(f"{plan.path} holds epoch {_position(ck)[0]} iteration {_position(ck)[1]} here but "
-                            f"epoch {plan.epoch} iteration {plan.iter} on rank 0: the output directory differs "
-                            "between nodes")
+    try:  # rank 0 already holds its copy, but joins the collective check below like every rank
+        if D.get_rank() != 0:
+            if not os.path.isfile(plan.path):
+                raise UserError(f"cannot see {plan.path}, the checkpoint rank 0 resumes from: the output "
+                                "directory must be shared by all nodes (or give every node a copy and --resume)")
+            ck = load_checkpoint(plan.path)
+            if _position(ck) != (plan.epoch, plan.iter):
+                raise UserError(f"{plan.path} holds epoch {_position(ck)[0]} iteration {_position(ck)[1]} here "
+                                f"but epoch {plan.epoch} iteration {plan.iter} on rank 0: the output directory "
+                                "differs between nodes")
     except UserError as e:
         msg = str(e)
     D.agree(not msg, msg)

@@ -36,7 +36,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from ..checkpoint import extract_state_dict, load_checkpoint
+from ..checkpoint import extract_state_dict, load_checkpoint, load_into_encoder
 from ..errors import UserError
 from .backbones import build_encoder, feat_dim
 from .swav_resnet import SWAV_TEACHERS, swav_projection_head
@@ -171,7 +171,7 @@ def load_teacher(path: str, arch: str, dim: int = 128) -> tuple[nn.Module, Teach
     if last.out_features != dim:
         raise UserError(f"teacher {path} embeds in {last.out_features} dims, the student in --moco-dim {dim}: "
                         "the distillation needs the same output dimension")
-    model.load_state_dict({k: sub[k] for k in want}, strict=True)
+    load_into_encoder(model, {prefix + k: v for k, v in sub.items()}, arch, source=path)  # strict, every key
     model.requires_grad_(False)
     info = TeacherInfo(path=os.path.abspath(path), arch=arch, sha256=file_sha256(path), layout=prefix,
                        head=head_desc, dropped=dropped)

@@ -187,3 +187,16 @@ def test_resume_checks_the_teacher_and_drops_the_unused_key_copy():
     with pytest.raises(UserError, match="--teacher_arch resnet50, not resnet18"):
         check_same_teacher({"arch": "resnet50"}, m.teacher_info)
     m.state_dict_from_checkpoint(sd, {})  # official checkpoints carry no teacher_info
+
+
+def test_checkpoints_leave_the_teacher_out_unless_save_teacher():
+    from src.engine.resume import training_state
+    m = _disco("train")
+    opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    kw = dict(epoch=0, next_iter=0, arch="resnet18", method_name="disco", args={}, world_size=1, batch_size=4)
+    ck = training_state(m, opt, scaler, **kw)
+    assert not any("teacher_encoder" in k for k in ck["state_dict"]) and "module.queue" in ck["state_dict"]
+    assert ck["teacher_info"]["sha256"] == "ab" * 32
+    ck = training_state(m, opt, scaler, save_frozen=True, **kw)
+    assert "module.teacher_encoder_q.conv1.weight" in ck["state_dict"]

@@ -54,12 +54,21 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp", action="store_true", help="MLP head (MoCo v2)")
     p.add_argument("--aug-plus", "--aug_plus", dest="aug_plus", action="store_true", help="MoCo v2 augmentation")
     p.add_argument("--cos", action="store_true", help="per-epoch cosine lr")
-    p.add_argument("--hidden", default=-1, type=int,
-                   help="DisCo: MLP hidden width; -1 = feature dim, 0 = a single linear layer")
+    p.add_argument("--hidden", default=None, type=int,
+                   help="DisCo moco/: MLP hidden width; -1 = feature dim (the default), 0 = a single linear layer")
+    p.add_argument("--zero_init_residual", "--zero-init-residual", type=D.str2bool, default=None,
+                   help="zero-init the last BN of each ResNet residual block (default: on when --hidden is given, "
+                        "as DisCo's moco/ baselines whose vendored timm ResNets do it; off otherwise, as "
+                        "facebookresearch/moco's torchvision ResNets)")
     p.add_argument("--shuffle_bn_groups", default=0, type=int,
                    help="single process: emulate shuffle-BN with this many BN groups (0: one per 32 images, max 8)")
     add_engine_args(p)
     return p
+
+
+def zero_init_residual(args: argparse.Namespace) -> bool:
+    """``--zero_init_residual``, by default on exactly for DisCo's baselines (``--hidden`` given)."""
+    return args.hidden is not None if args.zero_init_residual is None else args.zero_init_residual
 
 
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
@@ -72,8 +81,11 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     aug = moco_v2_augmentation(args.image_size) if args.aug_plus else moco_v1_augmentation(args.image_size)
     train_set = ImageDataset(train_dir(args.data), TwoCropsTransform(aug), seed=args.data_seed)
     groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
+    zero_init = zero_init_residual(args)
     method = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.hidden,
-                  cifar_stem=args.cifar_stem, shuffle_groups=groups).to(info.device)
+                  cifar_stem=args.cifar_stem, shuffle_groups=groups, zero_init_residual=zero_init).to(info.device)
+    if zero_init and arch_spec(args.arch).family == "resnet":
+        log.info("ResNet residual blocks start with their last BN weight at 0 (DisCo moco/ init)")
     import torch
     optimizer = torch.optim.SGD(method.encoder_q.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)

@@ -145,7 +145,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
                     full_grad=args.full_grad_gather, num_proj_layers=args.num_proj_layers, u_update=args.u_update,
                     cifar_stem=args.cifar_stem)
     if info.distributed and info.device.type == "cuda":
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        from src.models.backbones import convert_sync_batchnorm  # covers timm norm-act layers
+        method = convert_sync_batchnorm(method)
     elif info.distributed:
         log.warning("SyncBatchNorm needs CUDA: BN statistics are per process on this CPU run")
     method = method.to(info.device)

@@ -5,6 +5,7 @@ protocol   lr      ``-b`` means         lr scaling  schedule (per epoch)        
 =========  ======  ===================  ==========  ================================  ======  =====  =========  =====
 moco       30      256 per node         none        x0.1 at [60, 80]                  100     0      SGD        0.229
 disco      3.0     256 per node         none        x0.5 at [5,10,...,45,60,80]       100     0      SGD        0.229
+disco_semi 3.0     256 per node         none        x0.5 at [60, 80]                  100     0      SGD        0.229
 pcl        5       256 per node         none        x0.1 at [60, 80]                  100     0      SGD        0.229
 lorac      6.0     512 per process      none        step x0.1 at [60, 80] | cosine    100     0      SGD        0.228
 sogclr     0.1     1024 global          x B/256     cosine                            90      0      SGD        0.229
@@ -25,7 +26,8 @@ Without ``--protocol`` the protocol is inferred from the seed command's spelling
 ``--id`` → pcl; ``--data_name``/``--save_dir`` → sogclr; ``--data_path`` → lorac; ``--data`` → caco;
 ``--learning-rate`` (the spelling of DisCo's README; MoCo's uses ``--lr``) → disco; otherwise moco
 (MoCo ``main_lincls.py`` defaults). DisCo with ``--train_list`` (``main_lincls_semi.py``, C3) steps ×0.5
-at [60, 80] instead of the 11 milestones.
+at [60, 80] instead of the 11 milestones; ``--protocol disco_semi`` is that recipe for a subset folder
+built by ``scripts/make_imagenet_fraction.py`` (DisCo ``main_lincls_semi.py``).
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "moco": Preset(30.0, 256, "per_node", "none", "step", (60, 80), 0.1),
     "disco": Preset(3.0, 256, "per_node", "none", "step", tuple(DISCO_MILESTONES), 0.5),
+    "disco_semi": Preset(3.0, 256, "per_node", "none", "step", DISCO_SEMI_MILESTONES, 0.5),
     "pcl": Preset(5.0, 256, "per_node", "none", "step", (60, 80), 0.1),
     "lorac": Preset(6.0, 512, "per_process", "none", "step", (60, 80), 0.1, std=SWAV_STD, workers=10),
     "sogclr": Preset(0.1, 1024, "global", "linear", "cosine", epochs=90),

@@ -31,10 +31,15 @@ class MoCo(ContrastiveMethod):
     negatives (buffers ``queue`` (dim×K) and ``queue_ptr``), InfoNCE at temperature T."""
 
     def __init__(self, arch: str, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.07,
-                 mlp: bool = False, hidden: int = -1, cifar_stem: bool = False, shuffle_groups: int = 1):
+                 mlp: bool = False, hidden: int | None = -1, cifar_stem: bool = False, shuffle_groups: int = 1,
+                 zero_init_residual: bool = False):
         super().__init__()
         self.arch, self.K, self.m, self.T, self.shuffle_groups = arch, K, m, T, shuffle_groups
-        self.encoder_q = build_encoder(arch, moco_head(feat_dim(arch), dim, mlp, hidden), cifar_stem=cifar_stem)
+        hidden = -1 if hidden is None else hidden
+        # zero_init_residual: DisCo's moco/ baselines build ResNets with its vendored timm, whose
+        # ResNet zero-inits the last BN of every residual block (docs/disco.md, "Initialisation")
+        self.encoder_q = build_encoder(arch, moco_head(feat_dim(arch), dim, mlp, hidden), cifar_stem=cifar_stem,
+                                       zero_init_residual=zero_init_residual)
         self.encoder_k = make_momentum_copy(self.encoder_q)
         self.register_buffer("queue", init_queue(dim, K))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))

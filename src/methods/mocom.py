@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import distributed as D
 from ..errors import UserError
-from ..models.backbones import build_encoder, feat_dim
+from ..models.backbones import build_encoder, convert_sync_batchnorm, feat_dim
 from ..models.heads import moco_head
 from ..models.momentum import make_momentum_copy, momentum_update_, shuffle_bn_forward
 from ..models.queue import advance_, enqueue_, init_queue
@@ -233,5 +233,5 @@ def convert_sync_bn(method: MoCoM, mode: str, group_size: int, device: torch.dev
             what = "SyncBatchNorm over all processes"
     else:
         what = "SyncBatchNorm over all processes"
-    method.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(method.encoder_q, process_group=group)
+    method.encoder_q = convert_sync_batchnorm(method.encoder_q, process_group=group)  # timm norm-act layers too
     return what

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from ..errors import UserError
+from .swav_resnet import SWAV_TEACHERS, swav_resnet50
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class ArchSpec:
     builder: Callable[..., nn.Module]
     feat_dim: int
     head_attr: str  # the attribute that holds the classifier / projection head
-    family: str     # "resnet" or "timm"
+    family: str     # "resnet", "swav_resnet" (a ResNet with SwAV's stem) or "timm"
 
 
 def _tv(name: str) -> Callable[..., nn.Module]:
@@ -56,6 +57,10 @@ ARCHS: dict[str, ArchSpec] = {
     "efficientb1": ArchSpec(_timm("efficientnet_b1"), 1280, "classifier", "timm"),
     "mobilenetv3": ArchSpec(_timm("mobilenetv3_large_100"), 1280, "classifier", "timm"),
 }
+# SwAV's ResNet variant (extra stem padding, ``widen``; head attribute ``projection_head``): DisCo's
+# SwAV / DeepCluster-v2 / SeLa-v2 teachers (disco_pcl_evals.md A2, A5); loadable from the raw state dicts
+for _name, (_widen, _) in SWAV_TEACHERS.items():
+    ARCHS[_name] = ArchSpec(swav_resnet50(_widen), 2048 * _widen, "projection_head", "swav_resnet")
 #: other names of the same network (resume accepts a checkpoint written under any of them)
 ALIASES = {"mocom_r18": "resnet18", "mocom_r50": "resnet50", "efficientnet_b0": "efficientb0",
            "efficientnet_b1": "efficientb1", "mobilenetv3_large_100": "mobilenetv3"}
@@ -80,7 +85,7 @@ def feat_dim(arch: str) -> int:
 
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
     """3×3 stride-1 first conv and no max-pool (the usual CIFAR ResNet stem)."""
-    if not hasattr(model, "conv1") or not hasattr(model, "maxpool"):
+    if not hasattr(model, "conv1") or not hasattr(model, "maxpool") or hasattr(model, "padding"):
         raise UserError("--cifar_stem is only available for ResNet archs")
     model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
@@ -107,3 +112,16 @@ def build_backbone(arch: str, *, cifar_stem: bool = False) -> nn.Module:
 
 def head_attr(arch: str) -> str:
     return arch_spec(arch).head_attr
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """SyncBatchNorm for every BatchNorm of ``module``, including timm's fused norm+activation layers
+    (``BatchNormAct2d`` → ``SyncBatchNormAct``). ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
+    turns a ``BatchNormAct2d`` into a plain ``SyncBatchNorm`` and silently drops its activation (the
+    SiLU / hard-swish of EfficientNet and MobileNetV3); timm's converter keeps it. State-dict names
+    are unchanged."""
+    try:
+        from timm.layers import convert_sync_batchnorm as timm_convert
+    except ImportError:  # pragma: no cover - timm is a requirement; ResNets need no special case
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return timm_convert(module, process_group)

@@ -8,9 +8,13 @@ import torch.nn as nn
 def moco_head(in_dim: int, out_dim: int = 128, mlp: bool = True, hidden: int = -1) -> nn.Module:
     """MoCo v1/v2 head with DisCo's ``--hidden`` (disco_pcl_evals.md A2):
     no ``--mlp``: Linear(F, out); with ``--mlp``: hidden -1 → Linear(F,F)-ReLU-Linear(F,out),
-    0 → Linear(F, out), n → Linear(F,n)-ReLU-Linear(n,out). No BN."""
-    if not mlp or hidden == 0:
+    0 → Sequential(Linear(F, out)) (key ``fc.0``, as DisCo's ``moco/moco/builder.py``),
+    n → Linear(F,n)-ReLU-Linear(n,out). No BN. The Linear layers keep PyTorch's default init (the
+    official builders replace the head after the network's own init)."""
+    if not mlp:
         return nn.Linear(in_dim, out_dim)
+    if hidden == 0:
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
     h = in_dim if hidden < 0 else hidden
     return nn.Sequential(nn.Linear(in_dim, h), nn.ReLU(inplace=True), nn.Linear(h, out_dim))
 

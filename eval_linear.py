@@ -24,17 +24,18 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from src import distributed as D
 from src.checkpoint import link_or_copy, save_atomic
-from src.cli import resolve_data_arg, train_dir
-from src.engine import seed_everything
+from src.cli import amp_mode, resolve_data_arg, train_dir
+from src.engine import StopSignal, TrainStep, seed_everything
 from src.errors import UserError, cli_main
 from src.eval import linear as L
 from src.eval.linear_data import cifar_datasets, imagenet_datasets
-from src.eval.linear_presets import PRESETS, infer_protocol, resolve_recipe, used_options
+from src.eval.linear_presets import PRESETS, Recipe, infer_protocol, resolve_recipe, used_options
 from src.logger import RunLogger, save_args, setup_logging
 from src.models.backbones import arch_spec
 
@@ -93,6 +94,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint_freq", type=int, default=10, help="copy the head to checkpoints/ckp-<epoch>.pth")
     p.add_argument("--image_size", type=int, default=224, help="crop size (eval resize = size*256/224)")
     p.add_argument("--max_iters", type=int, default=None, help="training iterations per epoch cap (smoke tests)")
+    p.add_argument("--use_fp16", "--use-fp16", dest="use_fp16", type=D.str2bool, nargs="?", const=True, default=False,
+                   help="fp16 autocast + GradScaler on CUDA (fp32 on CPU)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     D.add_dist_args(p, dist_url_default="tcp://224.66.41.62:23456")
     return p
 
@@ -150,56 +154,121 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     model = head
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(head, device_ids=[dev] if dev.type == "cuda" else None)
-    start, best, best_epoch = 0, -1.0, -1
+    step = TrainStep(optimizer, dev, amp_mode(args))
+    start, start_it, consumed, best, best_epoch = 0, 0, 0, -1.0, -1
     ck_path = args.resume or os.path.join(args.dump_path, "checkpoint.pth.tar")
     if os.path.isfile(ck_path):
-        ck = L.load_head(ck_path, head, optimizer)
+        ck = L.load_head(ck_path, head, optimizer, step.scaler)
         start, best, best_epoch = int(ck["epoch"]), float(ck["best_acc1"]), int(ck["best_epoch"])
-        log.info("resumed the linear head from %s at epoch %d (best top-1 %.2f)", ck_path, start, best)
+        start_it = int(ck.get("iter", 0))
+        consumed = start_it * int(ck.get("per_process_batch", r.per_process_batch)) * int(ck.get("world_size", 1))
+        if start_it:
+            start_it = consumed // (r.per_process_batch * info.world_size)
+        log.info("resumed the linear head from %s at epoch %d%s (best top-1 %.2f)", ck_path, start,
+                 f" iteration {start_it}" if start_it else "", best)
     logger = RunLogger(args.dump_path, active=info.is_main)
     if info.is_main:
         save_args(args, args.dump_path, "linear_args.json")
     results = {"protocol": r.protocol, "arch": args.arch, "pretrained": args.pretrained, "lr": r.lr,
                "global_batch": r.global_batch, "epochs": r.epochs, "resumed_from_epoch": start}
-    try:
-        if args.evaluate:
-            m = L.validate(backbone, model, val_set, r.val_batch_size, r.workers, dev)
-            log.info("evaluation: top-1 %.2f top-5 %.2f loss %.4f on %d images", m["acc1"], m["acc5"], m["loss"], m["n"])
-            results.update(eval_acc1=m["acc1"], eval_acc5=m["acc5"], eval_loss=m["loss"], val_images=m["n"])
-            _write_results(info, args.dump_path, results, "eval_results.json")
+    probe = Probe(args, info, r, backbone, model, optimizer, step, train_set, val_set, logger, results, reference,
+                  start, start_it, consumed, best, best_epoch,
+                  {"arch": args.arch, "protocol": r.protocol, "num_classes": n_cls, "per_process_batch": r.per_process_batch})
+    with StopSignal(10) as stop:
+        try:
+            if args.evaluate:
+                evaluate(probe)
+            else:
+                train(probe, stop, seed)
+        finally:
+            logger.close()
+
+
+@dataclass
+class Probe:
+    """Everything one linear evaluation run works with."""
+    args: argparse.Namespace
+    info: D.DistInfo
+    r: Recipe
+    backbone: torch.nn.Module
+    model: torch.nn.Module       # the head (DDP-wrapped when distributed)
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    train_set: object
+    val_set: object
+    logger: RunLogger
+    results: dict
+    reference: dict              # backbone snapshot for the sanity check
+    start: int                   # epoch to run next
+    start_it: int                # iterations of it already done (a stop in the middle of an epoch)
+    consumed: int                # images of that epoch already read, over all processes
+    best: float
+    best_epoch: int
+    meta: dict
+
+    @property
+    def ck_file(self) -> str:
+        return os.path.join(self.args.dump_path, "checkpoint.pth.tar")
+
+    def save(self, epoch: int, next_iter: int = 0) -> None:
+        if self.info.is_main:
+            save_atomic(L.head_state(self.model, self.optimizer, epoch, self.best, self.best_epoch, vars(self.args),
+                                     self.meta, next_iter, self.step.scaler), self.ck_file)
+        D.barrier()
+
+    def validate(self) -> dict:
+        return L.validate(self.backbone, self.model, self.val_set, self.r.val_batch_size, self.r.workers,
+                          self.info.device)
+
+
+def evaluate(p: Probe) -> None:
+    m = p.validate()
+    log.info("evaluation: top-1 %.2f top-5 %.2f loss %.4f on %d images", m["acc1"], m["acc5"], m["loss"], m["n"])
+    p.results.update(eval_acc1=m["acc1"], eval_acc5=m["acc5"], eval_loss=m["loss"], val_images=m["n"])
+    _write_results(p.info, p.args.dump_path, p.results, "eval_results.json")
+
+
+def train(p: Probe, stop: StopSignal, seed: int) -> None:
+    """The epochs of the probe: train (the engine's step, stop polls), validate, checkpoint. A stop
+    signal writes the head checkpoint (mid-epoch: with its iteration) and returns."""
+    args, r, dev = p.args, p.r, p.info.device
+    loader, sampler = L.make_train_loader(p.train_set, r.per_process_batch, r.workers, dev, seed)
+    v = None
+    for epoch in range(p.start, r.epochs):
+        first = epoch == p.start
+        sampler.set_epoch(epoch, p.consumed if first else 0)
+        lr = L.epoch_lr(r, epoch)
+        t = L.train_one_epoch(p.backbone, p.model, loader, p.step, lr, epoch, dev, args.max_iters, args.print_freq,
+                              stop, p.start_it if first else 0)
+        if t.get("interrupted"):
+            p.save(epoch, int(t["next_iter"]))
+            log.warning("stopped at epoch %d iteration %d (checkpoint %s); run the same command again to resume",
+                        epoch, int(t["next_iter"]), p.ck_file)
             return
-        loader, sampler = L.make_train_loader(train_set, r.per_process_batch, r.workers, dev, seed)
-        v = None
-        meta = {"arch": args.arch, "protocol": r.protocol, "num_classes": n_cls}
-        for epoch in range(start, r.epochs):
-            sampler.set_epoch(epoch)
-            lr = L.epoch_lr(r, epoch)
-            t = L.train_one_epoch(backbone, model, loader, optimizer, lr, epoch, dev, args.max_iters, args.print_freq)
-            v = L.validate(backbone, model, val_set, r.val_batch_size, r.workers, dev)
-            if v["acc1"] > best:
-                best, best_epoch = v["acc1"], epoch
-            log.info("epoch %d: lr %.4g train loss %.4f top-1 %.2f | val loss %.4f top-1 %.2f top-5 %.2f | best %.2f",
-                     epoch, lr, t["loss"], t["acc1"], v["loss"], v["acc1"], v["acc5"], best)
-            logger.write({"epoch": epoch, "lr": lr, "train_loss": t["loss"], "train_acc1": t["acc1"],
-                          "train_acc5": t["acc5"], "val_loss": v["loss"], "val_acc1": v["acc1"],
-                          "val_acc5": v["acc5"], "best_acc1": best}, step=epoch, prefix="linear/")
-            if info.is_main:
-                path = os.path.join(args.dump_path, "checkpoint.pth.tar")
-                save_atomic(L.head_state(model, optimizer, epoch + 1, best, best_epoch, vars(args), meta), path)
-                if args.checkpoint_freq and (epoch + 1) % args.checkpoint_freq == 0:
-                    os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
-                    link_or_copy(path, os.path.join(args.dump_path, "checkpoints", f"ckp-{epoch}.pth"))
-            D.barrier()
-        L.sanity_check(backbone, reference)
-        if v is None:  # resumed at the end: report the stored head
-            v = L.validate(backbone, model, val_set, r.val_batch_size, r.workers, dev)
-        results.update(best_acc1=best, best_epoch=best_epoch, last_acc1=v["acc1"], last_acc5=v["acc5"],
-                       last_val_loss=v["loss"], val_images=v["n"])
-        log.info("linear evaluation done: best top-1 %.2f (epoch %d), last top-1 %.2f, last top-5 %.2f",
-                 best, best_epoch, v["acc1"], v["acc5"])
-        _write_results(info, args.dump_path, results, "results.json")
-    finally:
-        logger.close()
+        v = p.validate()
+        if v["acc1"] > p.best:
+            p.best, p.best_epoch = v["acc1"], epoch
+        log.info("epoch %d: lr %.4g train loss %.4f top-1 %.2f | val loss %.4f top-1 %.2f top-5 %.2f | best %.2f",
+                 epoch, lr, t["loss"], t["acc1"], v["loss"], v["acc1"], v["acc5"], p.best)
+        p.logger.write({"epoch": epoch, "lr": lr, "train_loss": t["loss"], "train_acc1": t["acc1"],
+                        "train_acc5": t["acc5"], "val_loss": v["loss"], "val_acc1": v["acc1"],
+                        "val_acc5": v["acc5"], "best_acc1": p.best}, step=epoch, prefix="linear/")
+        p.save(epoch + 1)
+        if p.info.is_main and args.checkpoint_freq and (epoch + 1) % args.checkpoint_freq == 0:
+            os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
+            link_or_copy(p.ck_file, os.path.join(args.dump_path, "checkpoints", f"ckp-{epoch}.pth"))
+        if epoch + 1 < r.epochs and stop.poll():
+            log.warning("stopped after epoch %d (checkpoint %s); run the same command again to resume",
+                        epoch, p.ck_file)
+            return
+    L.sanity_check(p.backbone, p.reference)
+    if v is None:  # resumed at the end: report the stored head
+        v = p.validate()
+    p.results.update(best_acc1=p.best, best_epoch=p.best_epoch, last_acc1=v["acc1"], last_acc5=v["acc5"],
+                     last_val_loss=v["loss"], val_images=v["n"])
+    log.info("linear evaluation done: best top-1 %.2f (epoch %d), last top-1 %.2f, last top-5 %.2f",
+             p.best, p.best_epoch, v["acc1"], v["acc5"])
+    _write_results(p.info, p.args.dump_path, p.results, "results.json")
 
 
 def _write_results(info: D.DistInfo, dump: str, results: dict, name: str) -> None:

@@ -2,6 +2,7 @@
 the process, checkpoints written by one configuration and resumed by another, skipped fp16 steps."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 
@@ -402,3 +403,42 @@ def test_feature_extraction_keeps_multilabel_targets():
                             torch.device("cpu"))
     assert f.shape == (7, 5) and y.shape == (7, 3)
     assert y[:, 0].tolist() == [0, 1, 0, 1, 0, 1, 0] and (y[:, 1] == -1).all()
+
+
+def _write_cifar10(root, n=16):
+    import pickle
+
+    import numpy as np
+    base = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(base)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(os.path.join(base, name), "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                         b"labels": [i % 10 for i in range(n)]}, f)
+
+
+def test_cifar_reader_feeds_pretraining(tmp_path):
+    """The CIFAR reader follows the dataset contract: two seeded views per (epoch, index), and a
+    pretraining step runs on it through the engine."""
+    from src.data.cifar import CifarDataset
+    from src.data.transforms import TwoCropsTransform, moco_v2_augmentation
+    from src.methods.moco import MoCo
+    _write_cifar10(str(tmp_path))
+    ds = CifarDataset(str(tmp_path), "cifar10", True, TwoCropsTransform(moco_v2_augmentation(32)))
+    assert len(ds) == 80 and ds.targets[:3] == [0, 1, 2]
+    (a1, b1), t, i = ds[(5, 2)]
+    (a2, b2), _, _ = ds[(5, 2)]
+    (a3, _), _, _ = ds[(5, 3)]
+    assert i == 5 and t == 5 and torch.equal(a1, a2) and torch.equal(b1, b2) and not torch.equal(a1, a3)
+    assert a1.shape == (3, 32, 32) and not torch.equal(a1, b1)
+    seed_everything(0)
+    m = MoCo("resnet18", 16, 32, 0.99, 0.2, True, cifar_stem=True)
+    cfg = EngineConfig(1, 16, str(tmp_path / "out"), CheckpointPolicy(str(tmp_path / "out")), "moco", "resnet18",
+                       workers=0, max_iters=1)
+    q0 = m.queue.clone()
+    res = Trainer(m, torch.optim.SGD(m.trainable_parameters(), 0.03), lambda *a: 0.03, ds, cfg, DistInfo()).fit()
+    # one step of 16 images: 16 keys enqueued; two views of one image are far closer than the random
+    # queue, so the loss is well below chance, log(1 + K)
+    assert int(m.queue_ptr) == 16 and not torch.equal(m.queue[:, :16], q0[:, :16])
+    assert torch.equal(m.queue[:, 16:], q0[:, 16:]) and 0.01 < res["loss"] < math.log(33) - 1

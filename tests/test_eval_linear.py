@@ -345,3 +345,36 @@ def test_disco_seed_linear_commands_infer_disco():
     assert (r.milestones, r.gamma) == ([60, 80], 0.5)
     assert [L.epoch_lr(r, e) for e in (59, 60, 80)] == pytest.approx([3.0, 1.5, 0.75])
     assert parse(["-a", "resnet50", "--lr", "30.0", "--batch-size", "256", "/data"])[1] == "moco"
+
+
+def test_stop_signal_mid_epoch_resumes_the_probe_exactly(tiny_folder, moco_ckpt, tmp_path, monkeypatch):
+    """eval_linear.py runs on the engine's TrainStep and StopSignal: SIGUSR1 during epoch 0 writes
+    the head checkpoint with its iteration, and the rerun ends with the same head as an
+    uninterrupted run (same data order and per-image augmentation)."""
+    import signal
+
+    from src.engine import TrainStep
+    path, _ = moco_ckpt
+    args = ["-b", "2", "--epochs", "2", "--lr", "0.5", "--max_iters", "100"]  # 16 iterations per epoch
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    run_main(common(tiny_folder, path, ref, *args))
+
+    class Firing(TrainStep):
+        calls = 0
+
+        def __call__(self, *a, **k):
+            Firing.calls += 1
+            if Firing.calls == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().__call__(*a, **k)
+    monkeypatch.setattr(eval_linear, "TrainStep", Firing)
+    run_main(common(tiny_folder, path, run, *args))
+    ck = torch.load(os.path.join(run, "checkpoint.pth.tar"), weights_only=False)
+    assert (ck["epoch"], ck["iter"]) == (0, 10) and not os.path.exists(os.path.join(run, "results.json"))
+    monkeypatch.setattr(eval_linear, "TrainStep", TrainStep)
+    run_main(common(tiny_folder, path, run, *args))
+    a = torch.load(os.path.join(ref, "checkpoint.pth.tar"), weights_only=False)["state_dict"]
+    b = torch.load(os.path.join(run, "checkpoint.pth.tar"), weights_only=False)["state_dict"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.load(open(os.path.join(run, "results.json")))["last_acc1"] == \
+        json.load(open(os.path.join(ref, "results.json")))["last_acc1"]

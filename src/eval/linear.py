@@ -25,7 +25,9 @@ from ..data.datasets import EpochSampler, collate_crops
 from .features import make_eval_loader
 from ..errors import UserError
 from ..models.backbones import arch_spec, build_backbone
-from ..optim import LARC, set_lr
+from ..engine.preemption import StopSignal
+from ..engine.step import TrainStep
+from ..optim import LARC
 from .linear_presets import Recipe
 
 log = logging.getLogger("ssl")
@@ -132,38 +134,43 @@ def _summarise(sums: torch.Tensor) -> dict[str, float]:
     return {"loss": loss / n, "acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "n": int(n)}
 
 
-def train_one_epoch(backbone: nn.Module, head: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    lr: float, epoch: int, device: torch.device, max_iters: int | None = None,
-                    print_freq: int = 10) -> dict[str, float]:
-    """Backbone in eval mode under no_grad; cross-entropy on the head. Returns sample-weighted
-    loss / top-1 / top-5 of the epoch over all ranks."""
+def train_one_epoch(backbone: nn.Module, head: nn.Module, loader: DataLoader, step: TrainStep, lr: float,
+                    epoch: int, device: torch.device, max_iters: int | None = None, print_freq: int = 10,
+                    stop: StopSignal | None = None, start_it: int = 0) -> dict[str, float]:
+    """Backbone in eval mode under no_grad; cross-entropy on the head through the engine's
+    :class:`TrainStep` (AMP, GradScaler). Returns sample-weighted loss / top-1 / top-5 of the
+    iterations run, over all ranks; with ``interrupted`` = 1 and ``next_iter`` when a stop signal
+    arrived (polled collectively every ``stop.every`` iterations)."""
     backbone.eval()
     head.train()
-    set_lr(optimizer, lr)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    iters = len(loader) if max_iters is None else min(max_iters, len(loader))
+    iters = len(loader) + start_it if max_iters is None else min(max_iters, len(loader) + start_it)
     t0 = time.time()
-    for it, (x, y, _) in enumerate(loader):
+    out: dict[str, float] = {}
+    for it, (x, y, _) in enumerate(loader, start=start_it):
         if it >= iters:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.no_grad():
-            f = backbone(x)
-        logits = head(f)
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        c1, c5 = _correct(logits.detach(), y)
-        sums += torch.stack([loss.detach().double() * y.shape[0], c1, c5, torch.tensor(y.shape[0], device=device,
-                                                                                        dtype=torch.float64)])
+
+        def loss_fn():
+            with torch.no_grad():
+                f = backbone(x)
+            logits = head(f.float() if f.dtype != torch.float32 else f)
+            return {"loss": F.cross_entropy(logits.float(), y), "logits": logits}
+        res, _ = step(loss_fn, lr, epoch, it, it)
+        c1, c5 = _correct(res["logits"], y)
+        sums += torch.stack([res["loss"].double() * y.shape[0], c1, c5,
+                             torch.tensor(y.shape[0], device=device, dtype=torch.float64)])
         if D.is_main_process() and ((it + 1) % print_freq == 0 or it + 1 == iters):
             log.info("epoch %d [%d/%d] loss %.4f lr %.4g %.1f img/s (this process)", epoch, it + 1, iters,
-                     loss.item(), lr, float(sums[3]) / max(time.time() - t0, 1e-9))
+                     res["loss"].item(), lr, float(sums[3]) / max(time.time() - t0, 1e-9))
+        if stop is not None and it + 1 < iters and stop.due(it) and stop.poll():
+            out = {"interrupted": 1.0, "next_iter": float(it + 1)}
+            break
     m = _summarise(sums)  # all ranks see the same numbers, so all stop together
     if not math.isfinite(m["loss"]):
         raise UserError(f"linear-probe loss is {m['loss']} at epoch {epoch}: lower --lr")
-    return m
+    return {**m, **out}
 
 
 @torch.no_grad()
@@ -235,13 +242,17 @@ def check_dump_path(dump_path: str, pretrained: str) -> None:
 
 
 def head_state(head: nn.Module, optimizer, epoch: int, best_acc1: float, best_epoch: int, args: dict,
-               meta: dict) -> dict:
+               meta: dict, next_iter: int = 0, scaler=None) -> dict:
+    """``epoch``: the next epoch to run, or with ``next_iter`` > 0 the interrupted one (then
+    ``iter``, ``world_size`` and ``batch_size`` say where to continue)."""
     net = head.module if hasattr(head, "module") else head
-    return {"kind": HEAD_KIND, "epoch": epoch, "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "best_acc1": best_acc1, "best_epoch": best_epoch, "args": args, **meta}
+    return {"kind": HEAD_KIND, "epoch": epoch, "iter": next_iter, "state_dict": net.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
+            "world_size": D.get_world_size(), "best_acc1": best_acc1, "best_epoch": best_epoch,
+            "args": args, **meta}
 
 
-def load_head(path: str, head: nn.Module, optimizer=None) -> dict:
+def load_head(path: str, head: nn.Module, optimizer=None, scaler=None) -> dict:
     """Restore a head checkpoint written by :func:`head_state`; returns it."""
     ckpt = load_checkpoint(path)
     if not is_head_checkpoint(ckpt):
@@ -251,6 +262,8 @@ def load_head(path: str, head: nn.Module, optimizer=None) -> dict:
         net.load_state_dict(ckpt["state_dict"], strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"cannot resume the linear head from {path}: {str(e).splitlines()[0]}") from e
     return ckpt

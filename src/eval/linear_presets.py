@@ -8,6 +8,7 @@ disco      3.0     256 per node         none        x0.5 at [5,10,...,45,60,80] 
 disco_semi 3.0     256 per node         none        x0.5 at [60, 80]                  100     0      SGD        0.229
 pcl        5       256 per node         none        x0.1 at [60, 80]                  100     0      SGD        0.229
 lorac      6.0     512 per process      none        step x0.1 at [60, 80] | cosine    100     0      SGD        0.228
+swav       0.3     32 per process       none        cosine (step x0.1 at [60, 80])    100     1e-6   SGD        0.228
 sogclr     0.1     1024 global          x B/256     cosine                            90      0      SGD        0.229
 caco       0.025   4096 per node        x B/256     cosine                            100     0      LARC-SGD   0.229
 =========  ======  ===================  ==========  ================================  ======  =====  =========  =====
@@ -23,7 +24,8 @@ the script's own default ``--lr`` is 0.1); disco_pcl_evals.md C2 (DisCo Reproduc
 The scaled lr is ``--lr × b / 256`` with ``b`` the ``-b`` value, as the official scripts do.
 
 Without ``--protocol`` the protocol is inferred from the seed command's spelling (printed at start):
-``--id`` → pcl; ``--data_name``/``--save_dir`` → sogclr; ``--data_path`` → lorac; ``--data`` → caco;
+``--id`` → pcl; ``--data_name``/``--save_dir`` → sogclr; ``--data_path`` → swav when ``--pretrained``
+is a SwAV checkpoint (it holds ``prototypes.weight``: ours or the official ones; swav.md §4), else lorac; ``--data`` → caco;
 ``--learning-rate`` (the spelling of DisCo's README; MoCo's uses ``--lr``) → disco; otherwise moco
 (MoCo ``main_lincls.py`` defaults). DisCo with ``--train_list`` (``main_lincls_semi.py``, C3) steps ×0.5
 at [60, 80] instead of the 11 milestones; ``--protocol disco_semi`` is that recipe for a subset folder
@@ -64,6 +66,8 @@ PRESETS: dict[str, Preset] = {
     "disco_semi": Preset(3.0, 256, "per_node", "none", "step", DISCO_SEMI_MILESTONES, 0.5),
     "pcl": Preset(5.0, 256, "per_node", "none", "step", (60, 80), 0.1),
     "lorac": Preset(6.0, 512, "per_process", "none", "step", (60, 80), 0.1, std=SWAV_STD, workers=10),
+    # SwAV eval_linear.py defaults (swav.md §4): the DisCo Tab5 evaluation command passes no optimisation flag
+    "swav": Preset(0.3, 32, "per_process", "none", "cosine", (60, 80), 0.1, wd=1e-6, std=SWAV_STD, workers=10),
     "sogclr": Preset(0.1, 1024, "global", "linear", "cosine", epochs=90),
     "caco": Preset(0.025, 4096, "per_node", "linear", "cosine", optimizer="larc"),
 }
@@ -77,6 +81,19 @@ def used_options(argv: list[str]) -> set[str]:
     return {a.split("=", 1)[0] for a in argv if a.startswith("-") and a != "-"}
 
 
+def is_swav_checkpoint(path: str) -> bool:
+    """A SwAV / DisCo+SwAV pretraining checkpoint: its state dict holds the prototypes."""
+    import os
+    if not path or not os.path.isfile(path):
+        return False
+    from ..checkpoint import extract_state_dict, load_checkpoint
+    try:
+        sd = extract_state_dict(load_checkpoint(path))
+    except UserError:
+        return False
+    return any(k.split(".")[-2:] == ["prototypes", "weight"] for k in sd)
+
+
 def infer_protocol(args: argparse.Namespace, opts: set[str]) -> tuple[str, str]:
     """(protocol, reason) from the seed command's spelling; see the module docstring."""
     if args.protocol:
@@ -86,6 +103,8 @@ def infer_protocol(args: argparse.Namespace, opts: set[str]) -> tuple[str, str]:
     if opts & {"--data_name", "--save_dir"}:
         return "sogclr", "--data_name/--save_dir (SogCLR lincls.py)"
     if "--data_path" in opts:
+        if is_swav_checkpoint(getattr(args, "pretrained", "")):
+            return "swav", "--data_path and a SwAV checkpoint (SwAV eval_linear.py)"
         return "lorac", "--data_path (LORAC/SwAV eval_linear.py)"
     if "--data" in opts:
         return "caco", "--data (CaCo linear.py)"

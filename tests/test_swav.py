@@ -179,3 +179,46 @@ def test_one_vs_two_processes():
             z, _ = m.embed([c[r * 4:(r + 1) * 4] for c in steps[2]])
             assert torch.allclose(q[r, 0, :4], z[:4], atol=1e-5) and torch.allclose(q[r, 1, :4], z[4:8], atol=1e-5)
     assert two[0]["loss"][2] != two[1]["loss"][2]   # the queue (used at step 2) is per rank
+
+
+def test_signal_mid_epoch_resumes_queue_exactly(tmp_path, tiny_folder):
+    """SIGUSR1 in the middle of epoch 1 (queue full and in use) → checkpoint_interrupted.pth.tar;
+    the resumed run ends with the weights and queue of an uninterrupted run."""
+    import os
+    import signal as sig
+    from src.checkpoint import load_checkpoint
+    from src.data.datasets import ImageDataset
+    from src.data.transforms import MultiCropTransform
+    from src.distributed import DistInfo
+    from src.engine import CheckpointPolicy, EngineConfig, Trainer, seed_everything
+    from src.optim import LARC, SwAVCosineLR
+
+    class Signalling(SwAV):
+        calls, fire_at = 0, None
+
+        def forward(self, crops, index=None):
+            Signalling.calls += 1
+            if Signalling.calls == Signalling.fire_at:
+                os.kill(os.getpid(), sig.SIGUSR1)
+            return super().forward(crops, index)
+
+    def trainer(out, fire_at=None):
+        Signalling.calls, Signalling.fire_at = 0, fire_at
+        seed_everything(0)
+        m = Signalling("resnet18", [2, 1], hidden_mlp=16, feat_dim=8, nmb_prototypes=6, queue_length=16,
+                       epoch_queue_starts=0, freeze_prototypes_niters=3)
+        ds = ImageDataset(os.path.join(tiny_folder, "train"), MultiCropTransform([16, 8], [2, 1], [0.14, 0.05], [1, 0.14]))
+        opt = LARC(m.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-6)
+        cfg = EngineConfig(epochs=2, batch_size=8, output_dir=str(out), checkpoint=CheckpointPolicy(str(out)),
+                           method_name="swav", arch="resnet18", workers=0, print_freq=1, stop_check_every=1)
+        return Trainer(m, opt, SwAVCosineLR(0.6, 0.0006, 2), ds, cfg, DistInfo())
+
+    trainer(tmp_path / "ref").fit()
+    run = tmp_path / "run"
+    assert trainer(run, fire_at=6).fit() == {"interrupted": 1.0, "next_iter": 2.0}   # epoch 1, iteration 2
+    trainer(run).fit()
+    a = load_checkpoint(str(tmp_path / "ref" / "checkpoint_0001.pth.tar"))
+    b = load_checkpoint(str(run / "checkpoint_0001.pth.tar"))
+    assert a["state_dict"]["module.queue"].abs().sum(-1).gt(0).all()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k

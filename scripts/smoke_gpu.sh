@@ -32,12 +32,18 @@ run $TR main_lorac.py --data_path "$OUT/data/train" --nmb_crops 3 2 --size_crops
 # SogCLR (global batch) with fp16
 run $TR main_sogclr.py --data "$OUT/data" --data_name custom -a resnet18 -b $B --lr 0.075 --epochs 2 --workers 2 \
     --image_size 64 --print-freq 2 --output_dir "$OUT/sogclr"
-# evaluation of the DDP MoCo checkpoint
+# CaCo (ad_init through the engine step, memory update) with fp16; DisCo with the DDP MoCo checkpoint as teacher
+run $TR main_caco.py --data "$OUT/data" -a resnet18 --batch_size $B --cluster 256 --moco_dim 64 --mlp_dim 256 \
+    --epochs 2 --warmup_epochs 1 --ad_init 1 --knn_freq 1 --workers 2 --image_size 64 --print_freq 2 --use_fp16 \
+    --output_dir "$OUT/caco"
+run $TR main_disco.py -a efficientb0 --teacher_arch resnet18 --teacher "$OUT/moco_ddp/checkpoint_0001.pth.tar" \
+    -b $B --mlp --aug-plus --cos --moco-k 256 --epochs 1 $COMMON --use_fp16 --output_dir "$OUT/disco" "$OUT/data"
+# evaluation of the DDP MoCo checkpoint (the linear probe with fp16)
 run $TR eval_knn.py -a resnet18 --pretrained "$OUT/moco_ddp/checkpoint_0001.pth.tar" --image_size 64 -j 2 --nb_knn 10 20 "$OUT/data"
 run $TR eval_linear.py -a resnet18 --pretrained "$OUT/moco_ddp/checkpoint_0001.pth.tar" --image_size 64 -j 2 \
-    --epochs 2 -b $B --lr 1.0 --cos --dump_path "$OUT/linear" "$OUT/data"
+    --epochs 2 -b $B --lr 1.0 --cos --use_fp16 --dump_path "$OUT/linear" "$OUT/data"
 for f in moco_fp16/checkpoint_0000.pth.tar moco_bf16/checkpoint_0000.pth.tar moco_ddp/checkpoint_0001.pth.tar \
-         lorac/checkpoint.pth.tar linear/results.json; do
+         lorac/checkpoint.pth.tar caco/checkpoint_best.pth.tar disco/checkpoint_0000.pth.tar linear/results.json; do
   [ -f "$OUT/$f" ] || { echo "smoke: missing $OUT/$f"; exit 1; }
 done
 ls "$OUT"/sogclr/checkpoint_0001.pth.tar >/dev/null

@@ -4,8 +4,8 @@
 ``on_epoch_start`` → iterations → kNN monitor → logs → checkpoint. Per iteration: batch to the
 device → optional device-side batch transform → :class:`TrainStep` (lr, autocast, scaled backward,
 ``before_optimizer_step``, step) → ``after_step(StepInfo)``. Stop signals are polled every
-``stop_check_every`` steps, at every epoch end and inside the monitor; a stop writes a checkpoint
-that resumes exactly.
+``stop_check_every`` steps, at every epoch end, inside the monitor and inside ``on_epoch_start``
+(a hook raising :class:`StopRequested`); a stop writes a checkpoint that resumes exactly.
 """
 from __future__ import annotations
 
@@ -199,7 +199,11 @@ class Trainer:
                     ctx.epoch = epoch
                     start_it = self.start_iter if epoch == self.start_epoch else 0
                     self.sampler.set_epoch(epoch, self.consumed if epoch == self.start_epoch else 0)
-                    self.method.on_epoch_start(epoch, ctx)
+                    try:
+                        self.method.on_epoch_start(epoch, ctx)
+                    except StopRequested:
+                        last = self._stopped_at_epoch_start(epoch, start_it)
+                        break
                     last = self.train_one_epoch(epoch, start_it)
                     if last.get("interrupted"):
                         break
@@ -219,6 +223,17 @@ class Trainer:
         finally:
             self.logger.close()
         return last
+
+    def _stopped_at_epoch_start(self, epoch: int, start_it: int) -> dict[str, float]:
+        """A stop inside ``on_epoch_start`` (PCL's E-step): the method's state is still that of the
+        epoch's start, so a checkpoint at (epoch, ``start_it``) resumes exactly; the hook runs again."""
+        if start_it:  # resumed mid-epoch: the checkpoint that was loaded is that very position
+            path = self.last_checkpoint
+        else:
+            path = self.save_interrupted(epoch - 1, 0)  # "epoch - 1 finished" = epoch `epoch`, iteration 0
+        log.warning("stopped at the start of epoch %d (checkpoint %s); run the same command again to resume",
+                    epoch, path)
+        return {"interrupted": 1.0, "next_iter": float(start_it)}
 
     def _run_monitor(self, epoch: int, last: dict[str, float]) -> bool:
         """The kNN monitor when due; True when a stop arrived during it (the pass is dropped)."""

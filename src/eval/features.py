@@ -33,21 +33,27 @@ def _common_batches(n: int, batch_size: int) -> int:
 @torch.no_grad()
 def extract_features(net: nn.Module, dataset: Dataset, batch_size: int, workers: int, device: torch.device,
                      normalize: bool = True, channels_last: bool = False, gather: bool = True,
-                     should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     should_stop: Callable[[], bool] | None = None,
+                     desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N×D, L2-normalised if ``normalize``) and targets of every image of ``dataset``, in
     dataset order, on every rank. Targets may be class indices or per-image vectors (multi-label,
     e.g. VOC's {-1, 0, 1} per class); their shape and dtype are kept. ``gather=False``: only this
     rank's shard (images r, r+W, ...), for a sharded kNN bank. ``net`` is put in eval mode and
     restored afterwards. ``should_stop`` (collective) is polled every :data:`STOP_POLL_EVERY`
-    batches and raises :class:`~src.engine.hooks.StopRequested`."""
+    batches and raises :class:`~src.engine.hooks.StopRequested`. ``desc``: show a progress bar
+    (rank 0) with that title."""
     from ..engine.hooks import StopRequested
     was_training = net.training
     net.eval()
     feats, labels, idxs = [], [], []
     mf = torch.channels_last if channels_last else torch.contiguous_format
     common = _common_batches(len(dataset), batch_size)
+    loader = make_eval_loader(dataset, batch_size, workers, device)
+    if desc is not None:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc=desc, disable=D.get_rank() != 0, dynamic_ncols=True, mininterval=1.0)
     try:
-        for b, (x, y, idx) in enumerate(make_eval_loader(dataset, batch_size, workers, device)):
+        for b, (x, y, idx) in enumerate(loader):
             if should_stop is not None and b < common and (b + 1) % STOP_POLL_EVERY == 0 and should_stop():
                 raise StopRequested()
             f = net(x.to(device, non_blocking=True, memory_format=mf)).float()

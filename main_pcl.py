@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""PCL v1/v2 pretraining (salesforce/PCL ``main_pcl.py`` flags; disco_pcl_evals.md B2-B7).
+
+    python main_pcl.py -a resnet50 --lr 0.03 --batch-size 256 --temperature 0.2 \
+        --mlp --aug-plus --cos \
+        --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 \
+        --exp-dir experiment_pcl /path/to/imagenet
+
+v1 = without ``--mlp --aug-plus --cos``. ``-b`` is the batch of one node (split over its processes);
+the lr is not scaled. ``--pcl-r`` is the queue length and the number of negative prototypes. From
+``--warmup-epoch`` on, every epoch starts with an E-step (k-means of the momentum encoder's features
+for every K of ``--num-cluster``). Checkpoints ``checkpoint_{epoch:04d}.pth.tar`` every 5 epochs (and
+the last) in ``--exp-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from src import distributed as D
+from src.cli import add_engine_args, engine_config, knn_monitor, per_process, print_setup, train_dir
+from src.data.datasets import ImageDataset
+from src.data.transforms import TwoCropsTransform, eval_transform, moco_v1_augmentation, moco_v2_augmentation
+from src.engine import CheckpointPolicy, Trainer, seed_everything
+from src.errors import cli_main
+from src.logger import save_args, setup_logging
+from src.methods.pcl import PCL, check_pcl_setup, parse_num_cluster
+from src.models.backbones import arch_spec
+from src.models.momentum import default_shuffle_groups
+from src.models.queue import check_queue_divisible
+
+log = logging.getLogger("ssl")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="PCL pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", metavar="DIR", help="dataset root containing train/")
+    p.add_argument("-a", "--arch", default="resnet50")
+    p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
+    p.add_argument("--epochs", default=200, type=int)
+    p.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", default=0, type=int,
+                   help="first epoch when not resuming (a resumed checkpoint overrides it)")
+    p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=256, type=int,
+                   help="batch of one node, split over its processes")
+    p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float)
+    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="lr x0.1 epochs (without --cos)")
+    p.add_argument("--momentum", default=0.9, type=float)
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-4, type=float)
+    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=100, type=int)
+    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (default: newest in --exp-dir)")
+    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (default 0)")
+    D.add_dist_args(p, dist_url_default="tcp://localhost:10001")
+    p.add_argument("--low-dim", "--low_dim", dest="low_dim", default=128, type=int, help="embedding dimension")
+    p.add_argument("--pcl-r", "--pcl_r", dest="pcl_r", default=16384, type=int,
+                   help="queue length and number of negative prototypes (must be < K - batch per process)")
+    p.add_argument("--moco-m", "--moco_m", dest="moco_m", default=0.999, type=float)
+    p.add_argument("--temperature", default=0.2, type=float, help="InfoNCE τ, also the mean of the concentrations φ")
+    p.add_argument("--mlp", action="store_true", help="MLP head (PCL v2)")
+    p.add_argument("--aug-plus", "--aug_plus", dest="aug_plus", action="store_true", help="MoCo v2 augmentation (PCL v2)")
+    p.add_argument("--cos", action="store_true", help="per-epoch cosine lr (PCL v2)")
+    p.add_argument("--num-cluster", "--num_cluster", dest="num_cluster", default="25000,50000,100000", type=str,
+                   help="comma-separated numbers of clusters, one k-means each")
+    p.add_argument("--warmup-epoch", "--warmup_epoch", dest="warmup_epoch", default=20, type=int,
+                   help="epochs of InfoNCE only, before the first E-step")
+    p.add_argument("--exp-dir", "--exp_dir", dest="exp_dir", default="experiment_pcl",
+                   help="checkpoints and logs (--output_dir is an alias)")
+    p.add_argument("--shuffle_bn_groups", default=0, type=int,
+                   help="single process: emulate shuffle-BN with this many BN groups (0: one per 32 images, max 8)")
+    add_engine_args(p, output_default="experiment_pcl")
+    return p
+
+
+def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
+    out = args.output_dir
+    setup_logging(out, info.rank)
+    seed_everything(args.seed if args.seed is not None else 0)
+    batch = per_process(args.batch_size, info)
+    workers = (args.workers + max(info.local_world_size, 1) - 1) // max(info.local_world_size, 1)
+    check_queue_divisible(args.pcl_r, batch * info.world_size, "--pcl-r")
+    num_cluster = parse_num_cluster(args.num_cluster)
+    aug = moco_v2_augmentation(args.image_size) if args.aug_plus else moco_v1_augmentation(args.image_size)
+    root = train_dir(args.data)
+    train_set = ImageDataset(root, TwoCropsTransform(aug), seed=args.data_seed)
+    eval_set = ImageDataset(root, eval_transform(args.image_size))  # same files, same indices (B5)
+    check_pcl_setup(args.pcl_r, num_cluster, batch, len(train_set))
+    groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
+    method = PCL(args.arch, len(train_set), num_cluster, args.low_dim, args.pcl_r, args.moco_m, args.temperature,
+                 args.mlp, args.warmup_epoch, cifar_stem=args.cifar_stem, shuffle_groups=groups).to(info.device)
+    method.set_eval_data(eval_set, 5 * batch, workers)
+    import torch
+    optimizer = torch.optim.SGD(method.encoder_q.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    from src.optim import MoCoEpochLR
+    schedule = MoCoEpochLR(args.lr, args.epochs, args.cos, args.schedule)
+    print_setup(info, batch, f"lr {args.lr} (not scaled)",
+                "cosine per epoch" if args.cos else f"x0.1 at epochs {args.schedule}")
+    log.info("PCL %s: r %d, K %s, warm-up %d epochs, τ %g", "v2" if args.mlp else "v1", args.pcl_r, num_cluster,
+             args.warmup_epoch, args.temperature)
+    if info.is_main:
+        save_args(args, out)
+    policy = CheckpointPolicy(out, should_save=lambda e, n: (e + 1) % 5 == 0)
+    cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=policy, method_name="pcl", workers=workers)
+    Trainer(method, optimizer, schedule, train_set, cfg, info, knn_monitor(args, args.data)).fit()
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    arch_spec(args.arch)          # fail fast, before any process is spawned
+    train_dir(args.data)
+    parse_num_cluster(args.num_cluster)
+    args.output_dir = args.output_dir or args.exp_dir
+    os.makedirs(args.output_dir, exist_ok=True)
+    D.launch(main_worker, args)
+
+
+if __name__ == "__main__":
+    main()

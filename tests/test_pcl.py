@@ -164,3 +164,42 @@ def test_cluster_all_normalises_centroids_after_phi():
     np.testing.assert_allclose(cen, normalize_rows(km.centroids), rtol=1e-6)
     np.testing.assert_allclose(phi, ref_concentration(km.dist, km.assign, 7, 0.3), rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(cen, axis=1), 1, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- a stop inside the E-step
+def test_stop_inside_epoch_start_hook_checkpoints_the_epoch_start(tmp_path):
+    """A stop signal while ``on_epoch_start`` runs (PCL's E-step feature pass raises StopRequested):
+    the engine writes checkpoint_interrupted at (epoch, 0), returns, and the next run runs the hook
+    again and ends identical to an uninterrupted run."""
+    import os
+    import signal
+    from src.checkpoint import load_checkpoint
+    from src.engine import StopRequested
+    from tests.test_engine import Tiny, _same_state, _trainer
+
+    class Clustering(Tiny):
+        stop_at = None
+
+        def on_epoch_start(self, epoch, ctx=None):
+            super().on_epoch_start(epoch, ctx)
+            if epoch == self.stop_at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                if ctx.should_stop():
+                    raise StopRequested()
+            self.memory.add_(epoch)  # per-epoch state written by the hook
+
+    from src.engine import seed_everything
+    seed_everything(0)
+    _trainer(tmp_path / "ref", method=Clustering()).fit()
+    seed_everything(0)
+    m = Clustering()
+    m.stop_at = 1
+    res = _trainer(tmp_path / "run", method=m).fit()
+    assert res == {"interrupted": 1.0, "next_iter": 0.0}
+    ck = load_checkpoint(str(tmp_path / "run" / "checkpoint_interrupted.pth.tar"))
+    assert (ck["epoch"], ck["iter"]) == (1, 0)
+    t = _trainer(tmp_path / "run", method=Clustering())
+    t.fit()
+    assert t.method.epochs_started[0] == (1, False)  # the hook runs again (no mid-epoch resume)
+    _same_state(load_checkpoint(str(tmp_path / "ref" / "checkpoint_0002.pth.tar")),
+                load_checkpoint(str(tmp_path / "run" / "checkpoint_0002.pth.tar")))

@@ -57,7 +57,9 @@ class ContrastiveMethod(nn.Module):
     def on_epoch_start(self, epoch: int, ctx: "FitContext | None" = None) -> None:
         """Before every epoch, also the first after a resume. When a run resumes in the middle of
         an epoch (``ctx.resumed_mid_epoch``), per-epoch state that lives in buffers (restored from
-        the checkpoint) must not be recomputed."""
+        the checkpoint) must not be recomputed. A long phase (PCL's E-step) polls
+        ``ctx.should_stop()`` and raises :class:`~src.engine.hooks.StopRequested`: the engine then
+        checkpoints the start of the epoch (method state unchanged) and the hook runs again on resume."""
 
     def before_optimizer_step(self, step: "StepInfo") -> None:
         """After backward (gradients unscaled), before ``optimizer.step`` (SwAV freezes its

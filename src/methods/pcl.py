@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import distributed as D
 from ..errors import UserError
+from ..models.momentum import momentum_update_, shuffle_bn_forward
 from .moco import MoCo, moco_loss
 from .base import topk_accuracy
 
@@ -181,7 +182,6 @@ class PCL(MoCo):
                 n_ids = cen.shape[0]
                 keys = torch.rand(W, n_ids, device=cen.device)[rank]
                 negs.append(sample_negatives(im2c[index], self._num_ids[i], self.r, keys))
-        from ..models.momentum import momentum_update_, shuffle_bn_forward
         q = F.normalize(self.encoder_q(im_q), dim=1)
         with torch.no_grad():
             momentum_update_(self.encoder_k, self.encoder_q, self.m)

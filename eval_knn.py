@@ -18,8 +18,9 @@ import logging
 import os
 
 from src import distributed as D
+from src import sanity
 from src.checkpoint import load_backbone
-from src.cli import resolve_data_arg, train_dir
+from src.cli import HelpFormatter, resolve_data_arg, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import IMAGENET_STD, SWAV_STD, eval_transform
 from src.errors import UserError, cli_main
@@ -34,26 +35,31 @@ log = logging.getLogger("ssl")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Weighted kNN evaluation on a frozen backbone")
-    p.add_argument("data", metavar="DIR", nargs="?", default=None, help="dataset root with train/ and val/")
-    p.add_argument("--data", "--data_path", dest="data_opt", default=None, help="same as DIR")
-    p.add_argument("-a", "--arch", default="resnet50")
+    p = argparse.ArgumentParser(description="Weighted kNN evaluation on a frozen backbone", formatter_class=HelpFormatter)
+    p.add_argument("data", metavar="DIR", nargs="?", default=None, help="dataset root: the bank is DIR/train, the queries DIR/val")
+    p.add_argument("--data", "--data_path", dest="data_opt", default=None, help="same as DIR (DIR/train, DIR/val)")
+    p.add_argument("-a", "--arch", default="resnet50", help="backbone architecture")
     p.add_argument("--pretrained", "--pretrained_weights", dest="pretrained", default="",
                    help="checkpoint (any known layout); empty: random backbone")
     p.add_argument("--cifar_stem", action="store_true", help="random backbone only (a checkpoint's stem is detected)")
     p.add_argument("--nb_knn", "--k", "--knn_k", dest="nb_knn", nargs="+", default=[20],
                    help="number(s) of neighbours, e.g. 10 20 100 200")
-    p.add_argument("--temperature", "--knn_t", "-t", dest="temperature", type=float, default=0.2)
+    p.add_argument("--temperature", "--knn_t", "-t", dest="temperature", type=float, default=0.2,
+                   help="T of the exp(s/T) vote weights")
     p.add_argument("-b", "--batch_size", "--batch-size", "--batch_size_per_gpu", dest="batch_size", type=int,
-                   default=128, help="per-process extraction batch")
-    p.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=4)
-    p.add_argument("--image_size", type=int, default=224)
+                   default=128, help="feature-extraction batch per process")
+    p.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=4,
+                   help="data loading workers per process")
+    p.add_argument("--image_size", type=int, default=224,
+                   help="eval crop in px (Resize(size*256/224) + CenterCrop; larger than the images upsamples "
+                        "them, with a warning)")
     p.add_argument("--swav_std", type=D.str2bool, default=False, help="Normalize with std 0.228 (LORAC/SwAV)")
-    p.add_argument("--data_name", choices=["imagenet100", "imagenet1000"], default=None)
-    p.add_argument("--train_list", default=None, help="file list restricting the bank (e.g. a 1%% split)")
+    p.add_argument("--data_name", choices=["imagenet100", "imagenet1000"], default=None,
+                   help="imagenet100: the first 100 class folders; None: every class")
+    p.add_argument("--train_list", default=None, help="file list restricting the bank (e.g. a 1%% split; None: every train image)")
     p.add_argument("--seed", type=int, default=0, help="seed of a random backbone's initialisation")
     p.add_argument("--dump_path", "--output_dir", dest="dump_path", default=None,
-                   help="write knn_results.json here (default: print only)")
+                   help="write knn_results.json here (None: print only)")
     D.add_dist_args(p)
     return p
 
@@ -73,6 +79,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
         net = build_backbone(args.arch, cifar_stem=args.cifar_stem)
         log.warning("no --pretrained given: kNN on a RANDOMLY INITIALISED %s backbone", args.arch)
     net = net.to(info.device).eval()
+    sanity.report(info, sanity.image_size_warning(bank_set, args.image_size, "--image_size", "kNN bank"))
     log.info("bank %d images, queries %d images, %d classes, %d processes", len(bank_set), len(query_set),
              len(bank_set.classes), info.world_size)
     bank, bank_y = extract_features(net, bank_set, args.batch_size, args.workers, info.device, gather=False)
@@ -105,7 +112,7 @@ def _split_trailing_dir(args: argparse.Namespace) -> None:
 
 @cli_main
 def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
+    args = sanity.parse_args(get_parser, argv)
     _split_trailing_dir(args)
     resolve_data_arg(args)
     arch_spec(args.arch)

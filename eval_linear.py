@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from src import distributed as D
+from src import sanity
 from src.checkpoint import link_or_copy, save_atomic
-from src.cli import amp_mode, resolve_data_arg, train_dir
+from src.cli import HelpFormatter, amp_mode, resolve_data_arg, train_dir
 from src.engine import StopSignal, TrainStep, seed_everything
 from src.errors import UserError, cli_main
 from src.eval import linear as L
@@ -44,58 +45,58 @@ log = logging.getLogger("ssl")
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Linear evaluation on a frozen backbone (flags of the official "
-                                "lincls/eval_linear scripts; None = the protocol preset)")
-    p.add_argument("data", metavar="DIR", nargs="?", default=None, help="dataset root with train/ and val/")
-    p.add_argument("--data", "--data_path", dest="data_opt", default=None, help="same as DIR (SogCLR/CaCo, LORAC)")
+                                "lincls/eval_linear scripts; None = the protocol preset)", formatter_class=HelpFormatter)
+    p.add_argument("data", metavar="DIR", nargs="?", default=None, help="dataset root: DIR/train for training, DIR/val for evaluation")
+    p.add_argument("--data", "--data_path", dest="data_opt", default=None, help="same as DIR (SogCLR/CaCo, LORAC): <--data>/train and <--data>/val")
     p.add_argument("--protocol", choices=sorted(PRESETS), default=None,
-                   help="recipe preset; default: inferred from the flag spellings (see src/eval/linear_presets.py)")
+                   help="recipe preset (None: inferred from the flag spellings, see src/eval/linear_presets.py)")
     p.add_argument("--dataset", default="imagenet", type=str.lower, choices=["imagenet", "cifar10", "cifar100"],
                    help="cifar10/cifar100: torchvision CIFAR batches under DIR (DisCo cifar_main_lincls.py)")
     p.add_argument("--data_name", choices=["imagenet100", "imagenet1000"], default=None,
-                   help="SogCLR: imagenet100 = the first 100 class folders")
+                   help="SogCLR: imagenet100 = the first 100 class folders (None: every class)")
     p.add_argument("--train_list", default=None, help="file list of the training subset (SimCLR 1%%/10%% split, "
-                   "or '<relative path> [label]' lines)")
-    p.add_argument("-a", "--arch", default="resnet50")
+                   "or '<relative path> [label]' lines; None: every train image)")
+    p.add_argument("-a", "--arch", default="resnet50", help="backbone architecture")
     p.add_argument("--pretrained", default="", help="pretraining checkpoint (any known layout); empty: random backbone")
-    p.add_argument("--model_prefix", default=None, help="LORAC: accepted; the key layout is detected automatically")
+    p.add_argument("--model_prefix", default=None, help="LORAC: accepted (None); the key layout is detected automatically")
     p.add_argument("--cifar_stem", action="store_true", help="random backbone only (a checkpoint's stem is detected)")
-    p.add_argument("--global_pooling", type=D.str2bool, default=True)
-    p.add_argument("--use_bn", type=D.str2bool, default=False)
-    p.add_argument("--num_classes", type=int, default=None, help="classifier outputs (default: classes of the data)")
+    p.add_argument("--global_pooling", type=D.str2bool, default=True, help="average-pool the last feature map (true/false)")
+    p.add_argument("--use_bn", type=D.str2bool, default=False, help="BatchNorm before the linear head (true/false)")
+    p.add_argument("--num_classes", type=int, default=None, help="classifier outputs (None: the classes of the data)")
     g = p.add_argument_group("optimisation (default None = protocol preset)")
-    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--epochs", type=int, default=None, help="training epochs")
     g.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", type=int, default=0,
                    help="ignored: the epoch comes from the resumed checkpoint")
     g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
-                   help="per node (moco/disco/pcl/caco), per process (lorac) or global (sogclr)")
+                   help="batch per node (moco/disco/pcl/caco), per process (lorac) or global (sogclr)")
     g.add_argument("--lr", "--learning-rate", "--learning_rate", dest="lr", type=float, default=None,
-                   help="base lr (sogclr/caco scale it by b/256)")
+                   help="base lr: scaled by b/256 for sogclr/caco, not scaled for the others")
     g.add_argument("--schedule", "--decay_epochs", dest="schedule", type=int, nargs="*", default=None,
                    help="step milestones (an empty list = constant lr)")
     g.add_argument("--gamma", type=float, default=None, help="step factor")
-    g.add_argument("--scheduler_type", choices=["step", "cosine", "constant"], default=None)
+    g.add_argument("--scheduler_type", choices=["step", "cosine", "constant"], default=None, help="lr schedule per epoch")
     g.add_argument("--cos", action="store_true", help="per-epoch cosine (same as --scheduler_type cosine)")
-    g.add_argument("--final_lr", type=float, default=None, help="cosine end value (default 0)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--wd", "--weight-decay", "--weight_decay", dest="wd", type=float, default=None)
-    g.add_argument("--nesterov", type=D.str2bool, nargs="?", const=True, default=False)
-    g.add_argument("--optimizer", choices=["sgd", "larc"], default=None)
+    g.add_argument("--final_lr", type=float, default=None, help="cosine end value, not scaled (None: 0)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--wd", "--weight-decay", "--weight_decay", dest="wd", type=float, default=None, help="weight decay")
+    g.add_argument("--nesterov", type=D.str2bool, nargs="?", const=True, default=False, help="Nesterov momentum")
+    g.add_argument("--optimizer", choices=["sgd", "larc"], default=None, help="optimiser of the head")
     g.add_argument("--std", type=float, nargs=3, default=None, help="Normalize std (lorac preset: 0.228 0.224 0.225)")
-    p.add_argument("-j", "--workers", type=int, default=None)
-    p.add_argument("--val_batch_size", type=int, default=None, help="per-process evaluation batch (default 256)")
-    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", type=int, default=10)
-    p.add_argument("--resume", default="", help="head checkpoint (default: <dump_path>/checkpoint.pth.tar if present)")
+    p.add_argument("-j", "--workers", type=int, default=None, help="data loading workers (per node, or per process for lorac)")
+    p.add_argument("--val_batch_size", type=int, default=None, help="evaluation batch per process (None: 256)")
+    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", type=int, default=10, help="log every N iterations")
+    p.add_argument("--resume", default="", help="head checkpoint (empty: <dump_path>/checkpoint.pth.tar if present)")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the (resumed) head on val")
-    p.add_argument("--seed", type=int, default=None, help="head init and data order seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="head init and data order seed (None: 0)")
     p.add_argument("--dump_path", "--output_dir", "--output-dir", dest="dump_path", default=None,
-                   help="output directory (default ./linear_eval; SogCLR --save_dir and PCL --id derive one)")
-    p.add_argument("--save_dir", default=None, help="SogCLR: output under <save_dir>/linear_eval_<pretraining dir>")
-    p.add_argument("--id", default=None, help="PCL: run name, output under ./linear_eval/<id>")
+                   help="output directory (None: ./linear_eval; SogCLR --save_dir and PCL --id derive one)")
+    p.add_argument("--save_dir", default=None, help="SogCLR: output under <save_dir>/linear_eval_<pretraining dir> (None: not used)")
+    p.add_argument("--id", default=None, help="PCL: run name, output under ./linear_eval/<id> (None: not used)")
     p.add_argument("--checkpoint_freq", type=int, default=10, help="copy the head to checkpoints/ckp-<epoch>.pth")
-    p.add_argument("--image_size", type=int, default=224, help="crop size (eval resize = size*256/224)")
-    p.add_argument("--max_iters", type=int, default=None, help="training iterations per epoch cap (smoke tests)")
+    p.add_argument("--image_size", type=int, default=224, help="crop size in px (eval resize = size*256/224; larger than the images upsamples them, with a warning)")
+    p.add_argument("--max_iters", type=int, default=None, help="training iterations per epoch cap (smoke tests; None: no cap)")
     p.add_argument("--use_fp16", "--use-fp16", dest="use_fp16", type=D.str2bool, nargs="?", const=True, default=False,
-                   help="fp16 autocast + GradScaler on CUDA (fp32 on CPU)")
+                   help="fp16 autocast + GradScaler on CUDA (fp32 on CPU; true/false)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     D.add_dist_args(p, dist_url_default="tcp://224.66.41.62:23456")
     return p
@@ -139,6 +140,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     if n_cls < len(train_set.classes):
         raise UserError(f"--num_classes {n_cls} is smaller than the {len(train_set.classes)} classes of the data")
     log.info("train %d images, val %d images, %d classes", len(train_set), len(val_set), len(train_set.classes))
+    sanity.report(info, sanity.amp_notice(args, info.device),
+                  sanity.image_size_warning(train_set, args.image_size, "--image_size", "linear-probe crops"))
     dev = info.device
     backbone = L.frozen_backbone(args.pretrained, args.arch, cifar_stem=args.cifar_stem,
                                  global_pooling=args.global_pooling).to(dev)
@@ -281,7 +284,7 @@ def _write_results(info: D.DistInfo, dump: str, results: dict, name: str) -> Non
 @cli_main
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = get_parser().parse_args(argv)
+    args = sanity.parse_args(get_parser, argv)
     args.protocol_resolved, args.protocol_reason = infer_protocol(args, used_options(argv))
     arch_spec(args.arch)
     resolve_paths(args)

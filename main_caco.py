@@ -24,7 +24,8 @@ import os
 import torch
 
 from src import distributed as D
-from src.cli import add_engine_args, engine_config, knn_monitor, print_setup, train_dir
+from src import sanity
+from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, print_setup, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, caco_augmentations, caco_multicrop
 from src.engine import CheckpointPolicy, KnnMonitor, Trainer, seed_everything
@@ -41,28 +42,28 @@ COLLAPSE_ACC, COLLAPSE_EPOCH = 1.0, 20
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="CaCo pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="data", metavar="DIR", help="dataset root (train/, and val/ for the kNN monitor)")
+    p = argparse.ArgumentParser(description="CaCo pretraining", formatter_class=HelpFormatter)
+    p.add_argument("--data", default="data", metavar="DIR", help="dataset root: <--data>/train for training, <--data>/val for the kNN monitor")
     p.add_argument("--log_path", default="train_log", help="root of the official run directory (under the cwd)")
-    p.add_argument("-a", "--arch", default="resnet50")
+    p.add_argument("-a", "--arch", default="resnet50", help="backbone architecture")
     p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
-    p.add_argument("--epochs", default=200, type=int)
+    p.add_argument("--epochs", default=200, type=int, help="training epochs")
     p.add_argument("--start_epoch", "--start-epoch", dest="start_epoch", default=0, type=int,
                    help="first epoch when not resuming (a resumed checkpoint overrides it)")
     p.add_argument("-b", "--batch_size", "--batch-size", dest="batch_size", default=256, type=int,
-                   help="batch of one node (with --nodes_num > 1: of all nodes, divided by nodes_num), "
+                   help="batch PER NODE (with --nodes_num > 1: of all nodes, divided by nodes_num), "
                         "split over the node's processes; init_lr = lr x batch_size / 256")
-    p.add_argument("--lr", "--learning_rate", dest="lr", default=0.03, type=float, help="base lr (x batch_size/256)")
+    p.add_argument("--lr", "--learning_rate", dest="lr", default=0.03, type=float, help="base lr, scaled: init_lr = lr x batch_size/256 (README: 0.3)")
     p.add_argument("--lr_final", default=0.0003, type=float, help="final lr of the cosine (scaled like --lr)")
     p.add_argument("--momentum", default=0.9, type=float, help="LARS momentum")
     p.add_argument("--mem_momentum", default=0.9, type=float, help="momentum of the memory's SGD")
     p.add_argument("--wd", "--weight_decay", dest="weight_decay", default=1e-4, type=float, help="encoder weight decay")
     p.add_argument("--mem_wd", default=1e-4, type=float,
                    help="memory weight decay: NOT applied (as the official code) unless --apply_mem_wd")
-    p.add_argument("-p", "--print_freq", "--print-freq", dest="print_freq", default=10, type=int)
+    p.add_argument("-p", "--print_freq", "--print-freq", dest="print_freq", default=10, type=int, help="log every N iterations")
     p.add_argument("--resume", default="", type=str,
-                   help="checkpoint to resume from (default: checkpoint_best.pth.tar of the run directory)")
-    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (default 0)")
+                   help="checkpoint to resume from (empty: checkpoint_best.pth.tar of the run directory)")
+    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (None: 0)")
     D.add_dist_args(p, world_size_default=1, rank_default=0, dist_url_default="tcp://224.66.41.62:23456")
     p.set_defaults(multiprocessing_distributed=True)  # official default 1: one process per GPU
     p.add_argument("--moco_dim", default=128, type=int, help="projector output = memory dimension C")
@@ -74,7 +75,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="ImageNet", help="name used in the run directory (any ImageFolder)")
     p.add_argument("--cluster", default=65536, type=int, help="memory size K")
     p.add_argument("--memory_lr", default=3.0, type=float, help="memory lr (not scaled by the batch)")
-    p.add_argument("--memory_lr_final", default=0.03, type=float, help="memory lr at the end (equal: constant)")
+    p.add_argument("--memory_lr_final", default=0.03, type=float, help="memory lr at the end (equal: constant; not scaled)")
     p.add_argument("--ad_init", default=1, type=int, help="1: fill the memory with momentum keys first (B1)")
     p.add_argument("--nodes_num", default=1, type=int, help="divides --batch_size, --knn_batch_size, --workers")
     p.add_argument("--knn_neighbor", dest="knn_k", default=20, type=int, help="k of the kNN monitor")
@@ -82,9 +83,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_epochs", default=0, type=int, help="lr and memory-lr warmup epochs")
     p.add_argument("--multi_crop", "--multicrop", dest="multi_crop", default=0, type=int, help="1: multi-crop")
     p.add_argument("--nmb_crops", type=int, default=[1, 6], nargs="+", help="crops per size after crop 0")
-    p.add_argument("--size_crops", type=int, default=[224, 96], nargs="+")
-    p.add_argument("--min_scale_crops", type=float, default=[0.14, 0.05], nargs="+")
-    p.add_argument("--max_scale_crops", type=float, default=[1.0, 0.14], nargs="+")
+    p.add_argument("--size_crops", type=int, default=[224, 96], nargs="+", help="crop size (px) per group")
+    p.add_argument("--min_scale_crops", type=float, default=[0.14, 0.05], nargs="+",
+                   help="RandomResizedCrop min scale per group")
+    p.add_argument("--max_scale_crops", type=float, default=[1.0, 0.14], nargs="+",
+                   help="RandomResizedCrop max scale per group")
     g = p.add_argument_group("this repository")
     g.add_argument("--apply_mem_wd", type=D.str2bool, nargs="?", const=True, default=False,
                    help="apply --mem_wd to the memory step (g + wd·W, CaCo_PN.update); the official run never does")
@@ -92,13 +95,13 @@ def get_parser() -> argparse.ArgumentParser:
                    help="stop the run when kNN top-1 <= 1%% at epoch >= 20 (official); default: a warning")
     g.add_argument("--knn_bank_fraction", type=float, default=KNN_BANK_FRACTION,
                    help="kNN bank: the first fraction of every training class (official 0.2)")
-    add_engine_args(p)
+    add_engine_args(p, knn_root="<--data>")
     p.set_defaults(knn_freq=1, knn_batch_size=128)
     for a in p._actions:
         if a.dest == "knn_freq":
             a.help = "kNN monitor after epoch e when e %% knn_freq == 0 or e <= 20 (0: off)"
         elif a.dest == "knn_batch_size":
-            a.help = "kNN batch of one node (divided like --batch_size)"
+            a.help = "kNN batch PER NODE (divided like --batch_size)"
     return p
 
 
@@ -227,6 +230,12 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
         save_args(args, out)
     knn = build_knn(args, args.data, method, out, workers,
                     per_process(args.knn_batch_size, args, info, "--knn_batch_size"), info)
+    crop = max(args.size_crops + [args.image_size]) if args.multi_crop else args.image_size
+    sanity.report(info, sanity.amp_notice(args, info.device), sanity.warmup_warning(args.warmup_epochs, args.epochs),
+                  sanity.lr_warning("caco", init_lr, args.batch_size, f"--lr {args.lr:g} x {args.batch_size}/256"),
+                  sanity.image_size_warning(train_set, crop, "--image_size" if crop == args.image_size else
+                                            "--size_crops", "training crops"),
+                  sanity.knn_image_size_warning(knn, args.image_size))
     cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=checkpoint_policy(out),
                         method_name="caco", workers=workers)
     Trainer(method, optimizer, schedule, train_set, cfg, info, knn).fit()
@@ -234,7 +243,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
 
 @cli_main
 def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
+    args = sanity.parse_args(get_parser, argv)
     arch_spec(args.arch)          # fail fast, before any process is spawned
     train_dir(args.data)
     check_args(args)

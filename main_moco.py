@@ -15,7 +15,8 @@ import logging
 import os
 
 from src import distributed as D
-from src.cli import add_engine_args, engine_config, knn_monitor, per_process, print_setup, train_dir
+from src import sanity
+from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, per_process, print_setup, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, moco_v1_augmentation, moco_v2_augmentation
 from src.engine import CheckpointPolicy, Trainer, seed_everything
@@ -30,39 +31,41 @@ log = logging.getLogger("ssl")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="MoCo v1/v2 pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data", metavar="DIR", help="dataset root containing train/ (and val/ for the kNN monitor)")
-    p.add_argument("-a", "--arch", default="resnet50")
+    p = argparse.ArgumentParser(description="MoCo v1/v2 pretraining", formatter_class=HelpFormatter)
+    p.add_argument("data", metavar="DIR", help="dataset root: DIR/train for training, DIR/val for the kNN monitor")
+    p.add_argument("-a", "--arch", default="resnet50", help="backbone architecture")
     p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
-    p.add_argument("--epochs", default=200, type=int)
+    p.add_argument("--epochs", default=200, type=int, help="training epochs")
     p.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", default=0, type=int,
                    help="first epoch when not resuming (a resumed checkpoint overrides it)")
     p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=256, type=int,
-                   help="batch of one node, split over its processes")
-    p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float)
+                   help="batch PER NODE, split over its processes (global = batch x nodes)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float,
+                   help="initial lr, used as given (not scaled by the batch)")
     p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="lr x0.1 epochs (without --cos)")
-    p.add_argument("--momentum", default=0.9, type=float)
-    p.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-4, type=float)
-    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=10, type=int)
-    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (default: newest in --output_dir)")
-    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (default 0)")
+    p.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-4, type=float, help="weight decay")
+    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=10, type=int, help="log every N iterations")
+    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (empty: the newest in --output_dir)")
+    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (None: 0)")
     D.add_dist_args(p, dist_url_default="tcp://224.66.41.62:23456")
-    p.add_argument("--moco-dim", "--moco_dim", dest="moco_dim", default=128, type=int)
-    p.add_argument("--moco-k", "--moco_k", dest="moco_k", default=65536, type=int)
-    p.add_argument("--moco-m", "--moco_m", dest="moco_m", default=0.999, type=float)
-    p.add_argument("--moco-t", "--moco_t", dest="moco_t", default=0.07, type=float)
+    p.add_argument("--moco-dim", "--moco_dim", dest="moco_dim", default=128, type=int, help="embedding dim")
+    p.add_argument("--moco-k", "--moco_k", dest="moco_k", default=65536, type=int,
+                   help="queue length; must be divisible by the global batch")
+    p.add_argument("--moco-m", "--moco_m", dest="moco_m", default=0.999, type=float, help="EMA momentum of the key encoder")
+    p.add_argument("--moco-t", "--moco_t", dest="moco_t", default=0.07, type=float, help="InfoNCE temperature")
     p.add_argument("--mlp", action="store_true", help="MLP head (MoCo v2)")
     p.add_argument("--aug-plus", "--aug_plus", dest="aug_plus", action="store_true", help="MoCo v2 augmentation")
     p.add_argument("--cos", action="store_true", help="per-epoch cosine lr")
     p.add_argument("--hidden", default=None, type=int,
                    help="DisCo moco/: MLP hidden width; -1 = feature dim (the default), 0 = a single linear layer")
     p.add_argument("--zero_init_residual", "--zero-init-residual", type=D.str2bool, default=None,
-                   help="zero-init the last BN of each ResNet residual block (default: on when --hidden is given, "
+                   help="zero-init the last BN of each ResNet residual block (None: on when --hidden is given, "
                         "as DisCo's moco/ baselines whose vendored timm ResNets do it; off otherwise, as "
                         "facebookresearch/moco's torchvision ResNets)")
     p.add_argument("--shuffle_bn_groups", default=0, type=int,
                    help="single process: emulate shuffle-BN with this many BN groups (0: one per 32 images, max 8)")
-    add_engine_args(p)
+    add_engine_args(p, knn_root="DIR")
     return p
 
 
@@ -95,14 +98,19 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
                 "cosine per epoch" if args.cos else f"x0.1 at epochs {args.schedule}")
     if info.is_main:
         save_args(args, out)
+    knn = knn_monitor(args, args.data)
+    sanity.report(info, sanity.amp_notice(args, info.device),
+                  sanity.lr_warning("moco", args.lr, batch * info.world_size, "--lr, not scaled"),
+                  sanity.image_size_warning(train_set, args.image_size, "--image_size", "training crops"),
+                  sanity.knn_image_size_warning(knn, args.image_size))
     cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=CheckpointPolicy(out),
                         method_name="moco", workers=workers)
-    Trainer(method, optimizer, schedule, train_set, cfg, info, knn_monitor(args, args.data)).fit()
+    Trainer(method, optimizer, schedule, train_set, cfg, info, knn).fit()
 
 
 @cli_main
 def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
+    args = sanity.parse_args(get_parser, argv)
     arch_spec(args.arch)          # fail fast, before any process is spawned
     train_dir(args.data)
     if args.output_dir:

@@ -9,8 +9,8 @@
 ``-b`` is the **global** batch (split over all processes); lr = ``--lr``·√B_g (sqrt) or ·B_g/256
 (linear); LARS; per-iteration linear warmup from 0 then cosine to 0. Checkpoints
 ``checkpoint_%04d.pth.tar`` (keys ``epoch arch state_dict optimizer scaler u`` + ours) go to
-``<save_dir>/<official logdir>`` (``--output_dir`` overrides) when ``epoch % 10 == 0`` or in the
-last 3 epochs; a rerun resumes from the newest one there.
+``<save_dir>/<official logdir>`` (``--output_dir`` overrides) when ``epoch % 10 == 0`` (0-based) or in
+the last 2 epochs; a rerun resumes from the newest one there.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import os
 import torch
 
 from src import distributed as D
-from src.cli import add_engine_args, engine_config, knn_monitor, print_setup, train_dir
+from src import sanity
+from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, print_setup, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, sogclr_augmentation
 from src.engine import CheckpointPolicy, KnnMonitor, Trainer, seed_everything
@@ -42,23 +43,23 @@ INIT_SEED = 2022  # the official set_all_seeds(2022) before model construction (
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="SogCLR pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", metavar="DIR", default="/data/imagenet100/", help="dataset root containing train/")
-    p.add_argument("-a", "--arch", default="resnet50")
+    p = argparse.ArgumentParser(description="SogCLR pretraining", formatter_class=HelpFormatter)
+    p.add_argument("--data", metavar="DIR", default="/data/imagenet100/", help="dataset root: <--data>/train for training, <--data>/val for the kNN monitor")
+    p.add_argument("-a", "--arch", default="resnet50", help="backbone architecture")
     p.add_argument("-j", "--workers", default=4, type=int, help="data loading workers per node (split over its processes)")
-    p.add_argument("--epochs", default=100, type=int)
+    p.add_argument("--epochs", default=100, type=int, help="training epochs")
     p.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", default=0, type=int,
                    help="first epoch when not resuming (a resumed checkpoint overrides it)")
     p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=4096, type=int,
-                   help="GLOBAL batch over all processes and nodes")
+                   help="GLOBAL batch over all processes and nodes (split over them)")
     p.add_argument("--lr", "--learning-rate", "--learning_rate", dest="lr", default=0.6, type=float,
-                   help="base lr, scaled by --learning-rate-scaling on the global batch")
-    p.add_argument("--momentum", default=0.9, type=float)
-    p.add_argument("--wd", "--weight-decay", "--weight_decay", dest="weight_decay", default=1e-6, type=float)
-    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=10, type=int)
-    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (default: newest in the run dir)")
+                   help="base lr, scaled by --learning-rate-scaling on the global batch (README: 0.075 with sqrt)")
+    p.add_argument("--momentum", default=0.9, type=float, help="LARS momentum")
+    p.add_argument("--wd", "--weight-decay", "--weight_decay", dest="weight_decay", default=1e-6, type=float, help="weight decay")
+    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=10, type=int, help="log every N iterations")
+    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (empty: the newest in the run dir)")
     p.add_argument("--seed", default=None, type=int,
-                   help=f"seed of model init and training randomness (default {INIT_SEED}, as the official "
+                   help=f"seed of model init and training randomness (None: {INIT_SEED}, as the official "
                         "set_all_seeds(2022)); also sets cudnn.deterministic")
     D.add_dist_args(p, dist_url_default="tcp://224.66.41.62:23456")
     p.add_argument("--dim", default=128, type=int, help="projector output dim")
@@ -66,9 +67,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", default=0.1, type=float, help="temperature")
     p.add_argument("--num_proj_layers", "--num-proj-layers", dest="num_proj_layers", default=2, type=int,
                    help="projector layers (the official code ignores it and always uses 2; honoured here)")
-    p.add_argument("--optimizer", default="lars", choices=["lars", "adamw"])
-    p.add_argument("--warmup-epochs", "--warmup_epochs", dest="warmup_epochs", default=10, type=int)
-    p.add_argument("--crop-min", "--crop_min", dest="crop_min", default=0.08, type=float)
+    p.add_argument("--optimizer", default="lars", choices=["lars", "adamw"], help="optimiser of the encoder")
+    p.add_argument("--warmup-epochs", "--warmup_epochs", dest="warmup_epochs", default=10, type=int,
+                   help="linear lr warmup epochs (per iteration, from 0)")
+    p.add_argument("--crop-min", "--crop_min", dest="crop_min", default=0.08, type=float, help="RandomResizedCrop min scale")
     p.add_argument("--data_name", "--data-name", dest="data_name", default="imagenet1000", choices=sorted(DATA_NAMES),
                    help="imagenet1000: every class of <data>/train; imagenet100: its first 100 class folders "
                         "(sorted); custom: every class")
@@ -78,7 +80,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="dcl: SogCLR dynamic contrastive loss; cl: SimCLR NT-Xent")
     p.add_argument("--gamma", default=0.9, type=float, help="weight of the new estimate in the moving average u")
     p.add_argument("--learning-rate-scaling", "--learning_rate_scaling", dest="learning_rate_scaling",
-                   default="sqrt", choices=["sqrt", "linear"])
+                   default="sqrt", choices=["sqrt", "linear"],
+                   help="how --lr is scaled: sqrt: lr x sqrt(global batch); linear: lr x global batch / 256")
     g = p.add_argument_group("this repository")
     g.add_argument("--full_grad_gather", "--full-grad-gather", dest="full_grad_gather", type=D.str2bool, nargs="?",
                    const=True, default=False,
@@ -88,7 +91,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="u write-back: (u1+u2)/2 (official HEAD) or u1+u2 (the PyTorch code before commit e944141; it keeps the first-visit rule, which the TF original lacks)")
     g.add_argument("--train_list", default=None, help="file list of the training subset (lines '<relpath> [label]')")
     g.add_argument("--val_list", default=None, help="file list of the validation subset (kNN monitor)")
-    add_engine_args(p, fp16_default=True)
+    add_engine_args(p, fp16_default=True, knn_root="<--data>")
     return p
 
 
@@ -160,6 +163,12 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     print_setup(info, batch, f"lr {args.lr} x {args.learning_rate_scaling}(B_g={args.batch_size}) = {lr:.4f}, "
                 f"{args.optimizer}, loss {args.loss_type}, gamma {args.gamma}, N={len(train_set)}",
                 f"warmup {args.warmup_epochs} epochs from 0 then cosine to 0, per iteration")
+    sanity.report(info, sanity.amp_notice(args, info.device),
+                  sanity.warmup_warning(args.warmup_epochs, args.epochs, "--warmup-epochs"),
+                  sanity.lr_warning("sogclr", lr, args.batch_size,
+                                    f"--lr {args.lr:g} x {args.learning_rate_scaling}(global batch {args.batch_size})"),
+                  sanity.image_size_warning(train_set, args.image_size, "--image_size", "training crops"),
+                  sanity.knn_image_size_warning(knn, args.image_size))
     if info.is_main:
         save_args(args, out)
     policy = CheckpointPolicy(out, filename=lambda e: f"checkpoint_{e:04d}.pth.tar", should_save=should_save)
@@ -170,7 +179,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
 
 @cli_main
 def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
+    args = sanity.parse_args(get_parser, argv)
     arch_spec(args.arch)          # fail fast, before any process is spawned
     train_dir(args.data)
     if args.batch_size < 2:

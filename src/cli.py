@@ -14,23 +14,42 @@ from .errors import UserError
 log = logging.getLogger("ssl")
 
 
-def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp16_default: bool = False) -> None:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default exactly once: ``(default: X)`` is appended unless the help
+    already states it (``(default`` in the text); a required positional has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = action.help or ""
+        if "(default" in h or action.default is argparse.SUPPRESS:
+            return h
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return h
+        shown = "empty" if action.default == "" else "%(default)s"
+        return (h + " " if h else "") + f"(default: {shown})"
+
+
+def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp16_default: bool = False,
+                    knn_root: str = "DIR") -> None:
+    """The engine flags of every pretraining script; ``knn_root`` names where the kNN monitor finds
+    ``train/`` and ``val/`` in terms of the script's data flag (e.g. ``<--data_path>/..``)."""
     g = p.add_argument_group("engine (this repository)")
     g.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
-                   help=f"checkpoints, logs, TensorBoard (default: {output_default!r}, as the official script)")
+                   help=f"checkpoints, logs, TensorBoard (None: {output_default}, as the official script)")
     g.add_argument("--use_fp16", "--use-fp16", dest="use_fp16", type=D.str2bool, nargs="?", const=True,
-                   default=fp16_default, help="fp16 autocast + GradScaler on CUDA (apex O1's meaning); fp32 on CPU")
+                   default=fp16_default, help="fp16 autocast + GradScaler on CUDA (apex O1's meaning); fp32 on CPU (true/false)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (no loss scaling)")
     g.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     g.add_argument("--auto_resume", type=D.str2bool, default=True,
-                   help="resume from the newest checkpoint in the output directory (default true)")
-    g.add_argument("--knn_freq", type=int, default=0, help="kNN monitor every N epochs on <data>/train → <data>/val (0: off)")
-    g.add_argument("--knn_k", type=int, default=20)
-    g.add_argument("--knn_t", type=float, default=0.2)
-    g.add_argument("--knn_batch_size", type=int, default=256)
-    g.add_argument("--image_size", type=int, default=224, help="crop size (224 for ImageNet; e.g. 32 for the demo)")
+                   help="resume from the newest checkpoint in the output directory (true/false)")
+    g.add_argument("--knn_freq", type=int, default=0, help=f"kNN monitor every N epochs: bank {knn_root}/train, queries {knn_root}/val (0: off)")
+    g.add_argument("--knn_k", type=int, default=20, help="kNN monitor: neighbours")
+    g.add_argument("--knn_t", type=float, default=0.2, help="kNN monitor: temperature of the exp(s/t) vote weights")
+    g.add_argument("--knn_batch_size", type=int, default=256, help="kNN monitor: feature-extraction batch per process")
+    g.add_argument("--image_size", type=int, default=224,
+                   help="crop size in px (224 for ImageNet; e.g. 32 for 32-px images; larger than the images "
+                        "upsamples them, with a warning)")
     g.add_argument("--cifar_stem", action="store_true", help="3x3 stride-1 ResNet stem without max-pool")
-    g.add_argument("--max_iters", type=int, default=None, help="iterations per epoch cap (smoke tests)")
+    g.add_argument("--max_iters", type=int, default=None, help="iterations per epoch cap (smoke tests; None: no cap)")
     g.add_argument("--data_seed", type=int, default=0, help="seed of the data order and augmentations")
 
 

@@ -63,21 +63,21 @@ def add_dist_args(parser: argparse.ArgumentParser, *, world_size_default: int = 
     """Every spelling the official scripts accept (MoCo dashes, SwAV/CaCo underscores)."""
     g = parser.add_argument_group("distributed")
     g.add_argument("--world-size", "--world_size", dest="world_size", type=int, default=world_size_default,
-                   help="MoCo style: number of nodes (multiplied by processes per node); torchrun sets it")
-    g.add_argument("--rank", type=int, default=rank_default, help="MoCo style: node rank")
+                   help="MoCo style: number of nodes (multiplied by processes per node); torchrun sets it (-1: from the environment)")
+    g.add_argument("--rank", type=int, default=rank_default, help="MoCo style: node rank (-1: from the launcher's environment)")
     g.add_argument("--dist-url", "--dist_url", dest="dist_url", default=dist_url_default,
                    help="init_method of the process group")
     g.add_argument("--dist-backend", "--dist_backend", dest="dist_backend", default=None,
-                   help="nccl on GPU, gloo on CPU (default: chosen from the device)")
+                   help="nccl on GPU, gloo on CPU (None: chosen from the device)")
     g.add_argument("--multiprocessing-distributed", "--multiprocessing_distributed",
                    dest="multiprocessing_distributed", nargs="?", const=True, default=False, type=str2bool,
                    help="spawn one process per GPU on this node (CaCo passes it as an int)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
-                   help="set by torch.distributed.launch (both spellings accepted)")
-    g.add_argument("--gpu", type=int, default=None, help="GPU id for a single-GPU run")
+                   help="set by torch.distributed.launch (both spellings accepted; None: not launched by it)")
+    g.add_argument("--gpu", type=int, default=None, help="GPU id for a single-GPU run (None: chosen by the launcher)")
     g.add_argument("--nproc", type=int, default=None,
                    help="processes per node for --multiprocessing-distributed "
-                        "(default: number of GPUs, or 1 on a CPU-only machine)")
+                        "(None: number of GPUs, or 1 on a CPU-only machine)")
 
 
 # ----------------------------------------------------------------------------- launch

@@ -15,7 +15,7 @@ import os
 from . import distributed as D
 from .cli import add_engine_args, engine_config, knn_monitor, print_setup
 from .errors import UserError, cli_main
-from .mocom_cli import resolve_data_path
+from .multicrop import resolve_data_path
 
 log = logging.getLogger("ssl")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -15,6 +16,7 @@ from src.distributed import free_port
 import torch
 
 from src.checkpoint import load_backbone, load_checkpoint
+from tests import recompute
 
 # The DisCo seed's baseline commands (shared/seeds/003_*.txt), data path and epochs to be substituted.
 DISCO_BASELINES = [
@@ -75,8 +77,23 @@ def test_disco_r18_baseline_single_process_then_eval(tmp_path, tiny_folder, repo
     assert (out / "checkpoint_0000.pth.tar").exists() and (out / "args.json").exists()
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     ep = [x for x in lines if "knn_top1" in x]
-    assert len(ep) == 2 and all(0 <= x["knn_top1"] <= 100 for x in ep)
-    assert all(x["loss"] > 0 for x in lines if "loss" in x)
+    assert len(ep) == 2
+    # InfoNCE over 1 positive + K=64 negatives with cosine logits / 0.2 lies in
+    # [log(1 + K e^(-2/T)), log(1 + K e^(2/T))]; each epoch line is the mean of its two equal windows
+    # (4 iterations of 8 images, --print-freq 2), and every accuracy is a count over 16 or 32 images
+    lo, hi = math.log(1 + 64 * math.exp(-10)), math.log(1 + 64 * math.exp(10))
+    windows = [x for x in lines if "iter" in x]
+    epochs = [x for x in lines if "iter" not in x and "loss" in x]
+    assert len(windows) == 4 and len(epochs) == 2 and all(lo < x["loss"] < hi for x in windows)
+    for e, row in enumerate(epochs):
+        mine = [x for x in windows if x["epoch"] == e]
+        for key in ("loss", "acc1", "acc5"):
+            assert row[key] == pytest.approx(sum(x[key] for x in mine) / 2, abs=1e-5), key
+        assert all(x["acc1"] * 16 / 100 == pytest.approx(round(x["acc1"] * 16 / 100)) for x in mine)
+    # the monitor's epoch-1 kNN top-1 (k=20, t=0.2) recomputed from the epoch-1 weights by a loop
+    bank, queries = recompute.image_split(tiny_folder, "train"), recompute.image_split(tiny_folder, "val")
+    ref_bb = load_backbone(str(out / "checkpoint_0001.pth.tar"), "resnet18")
+    assert ep[-1]["knn_top1"] == pytest.approx(recompute.knn_top1(ref_bb, bank, queries, 20, 0.2), abs=1e-4)
     # the backbone of the checkpoint loads strictly (query encoder, not the momentum one)
     bb = load_backbone(str(out / "checkpoint_0001.pth.tar"), "resnet18")
     assert torch.equal(bb.state_dict()["layer4.1.bn2.weight"], sd["module.encoder_q.layer4.1.bn2.weight"])
@@ -86,12 +103,15 @@ def test_disco_r18_baseline_single_process_then_eval(tmp_path, tiny_folder, repo
               "--nb_knn", "5", "--dump_path", str(tmp_path / "knn"), tiny_folder], repo_root)
     assert "module.encoder_q." in r.stdout + r.stderr
     knn = json.loads((tmp_path / "knn" / "knn_results.json").read_text())
-    assert 0 <= knn["knn"]["5"]["top1"] <= 100 and knn["query_images"] == 16
+    assert knn["query_images"] == 16
+    assert knn["knn"]["5"]["top1"] == pytest.approx(recompute.knn_top1(ref_bb, bank, queries, 5, 0.2), abs=1e-4)
     r = _run([sys.executable, "eval_linear.py", "-a", "resnet18", "--pretrained", ck1, "--image_size", "32", "-j", "0",
               "--epochs", "1", "-b", "8", "--lr", "3.0", "--dump_path", str(tmp_path / "lin"), tiny_folder], repo_root)
     assert "module.encoder_q." in r.stdout + r.stderr
     res = json.loads((tmp_path / "lin" / "results.json").read_text())
-    assert 0 <= res["last_acc1"] <= 100 and res["best_acc1"] >= res["last_acc1"]
+    head = torch.load(str(tmp_path / "lin" / "checkpoint.pth.tar"), weights_only=False)["state_dict"]
+    assert res["last_acc1"] == pytest.approx(recompute.linear_top1(ref_bb, head, queries), abs=1e-4)
+    assert res["best_acc1"] == res["last_acc1"]      # one epoch
 
 
 @pytest.mark.slow

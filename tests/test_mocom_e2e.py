@@ -95,7 +95,7 @@ def test_seed_commands_end_to_end(tiny_folder, tmp_path):
 
 
 def _lorac(dump: str, epochs: int, data: str):
-    from src.mocom_cli import main_lorac
+    from main_lorac import main as main_lorac
     main_lorac(["--data_path", data, "--nmb_crops", "3", "2", "--size_crops", "16", "8",
                 "--min_scale_crops", "0.14", "0.05", "--max_scale_crops", "1.", "0.14", "--moco-dim", "16",
                 "--moco-k", "16", "--epochs", str(epochs), "--batch_size", "4", "--base_lr", "1.8",

@@ -304,7 +304,9 @@ def test_forward_one_vs_two_processes():
 
 # ----------------------------------------------------------------------------- flags and errors
 def test_flag_defaults_match_spec():
-    from src.mocom_cli import get_parser
+    from main_lorac import get_parser as lorac_parser
+    from main_moco_m import get_parser as mocom_parser
+    get_parser = lambda lorac: lorac_parser() if lorac else mocom_parser()  # noqa: E731
     a = get_parser(lorac=True).parse_args([])
     want = dict(data_path="/path/to/imagenet", nmb_crops=[2], size_crops=[224], min_scale_crops=[0.14],
                 max_scale_crops=[1.0], crops_for_assign=[0, 1], color_distortion_scale=1.0, moco_dim=128,
@@ -328,7 +330,7 @@ def test_flag_defaults_match_spec():
     (["--arch", "mocom_r34"], "unknown arch"),
 ])
 def test_bad_input_gives_one_line(tiny_folder, tmp_path, capsys, extra, msg):
-    from src.mocom_cli import main_moco_m
+    from main_moco_m import main as main_moco_m
     argv = ["--data_path", f"{tiny_folder}/train", "--nmb_crops", "2", "1", "--size_crops", "16", "8",
             "--min_scale_crops", "0.14", "0.05", "--max_scale_crops", "1", "0.14", "--moco-k", "16",
             "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--arch", "mocom_r18",

@@ -30,8 +30,8 @@ class TrainStep:
                  before_step: Callable[[StepInfo], None] | None = None, force_scaler: bool = False):
         self.optimizer, self.device, self.before_step = optimizer, device, before_step
         self.dtype = amp_dtype(amp, device)
-        if amp and self.dtype is None:
-            log.info("%s autocast is CUDA-only: this run trains in fp32", amp)
+        if amp and self.dtype is None:  # the entry scripts say so once, in words (src/sanity.py:amp_notice)
+            log.debug("%s autocast is CUDA-only: this run trains in fp32", amp)
         # force_scaler: loss scaling without autocast (tests of the skipped-step path on the CPU)
         enabled = self.dtype is torch.float16 or force_scaler
         self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)

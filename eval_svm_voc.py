@@ -22,6 +22,7 @@ import random
 import numpy as np
 import torch
 
+from src.cli import HelpFormatter
 from src.checkpoint import load_backbone
 from src.data.transforms import eval_transform
 from src.errors import UserError, cli_main
@@ -35,17 +36,18 @@ log = logging.getLogger("ssl")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="VOC07 linear SVM evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data", metavar="DIR", help="VOC2007 folder (or its parent, or a folder with VOCdevkit/VOC2007)")
-    p.add_argument("-a", "--arch", default="resnet50")
+    p = argparse.ArgumentParser(description="VOC07 linear SVM evaluation", formatter_class=HelpFormatter)
+    p.add_argument("data", metavar="DIR", help="VOC2007 folder (or its parent, or a folder with VOCdevkit/VOC2007); no val/ folder: the splits come from DIR/ImageSets/Main (trainval, test)")
+    p.add_argument("-a", "--arch", default="resnet50", help="backbone of the checkpoint")
     p.add_argument("--pretrained", default="", help="checkpoint (any layout load_backbone knows); empty: random")
     p.add_argument("-j", "--workers", default=8, type=int, help="loader workers and SVMs fitted in parallel")
-    p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=32, type=int)
+    p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=32, type=int,
+                   help="feature-extraction batch per process")
     p.add_argument("--low-shot", "--low_shot", dest="low_shot", action="store_true", help="k = 1, 2, 4, 8, 16 per class")
     p.add_argument("--cost", default="0.5", type=str, help="comma-separated SVM costs C (the best is reported)")
     p.add_argument("--seed", default=0, type=int, help="seed of the low-shot draws")
-    p.add_argument("--image_size", default=224, type=int)
-    p.add_argument("--cache_dir", default=None, help="feature cache (default: <output_dir>/feature_cache)")
+    p.add_argument("--image_size", default=224, type=int, help="centre-crop size (resize = size*256/224)")
+    p.add_argument("--cache_dir", default=None, help="feature cache (None: <output_dir>/feature_cache)")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", default="svm_voc",
                    help="results.json and the log")
     return p

@@ -19,7 +19,7 @@ import logging
 import os
 
 from src import distributed as D
-from src.cli import add_engine_args, engine_config, knn_monitor, per_process, print_setup, train_dir
+from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, per_process, print_setup, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, eval_transform, moco_v1_augmentation, moco_v2_augmentation
 from src.engine import CheckpointPolicy, Trainer, seed_everything
@@ -34,27 +34,27 @@ log = logging.getLogger("ssl")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="PCL pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="PCL pretraining", formatter_class=HelpFormatter)
     p.add_argument("data", metavar="DIR", help="dataset root containing train/")
-    p.add_argument("-a", "--arch", default="resnet50")
+    p.add_argument("-a", "--arch", default="resnet50", help="backbone (any registered arch)")
     p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
-    p.add_argument("--epochs", default=200, type=int)
+    p.add_argument("--epochs", default=200, type=int, help="training epochs")
     p.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", default=0, type=int,
                    help="first epoch when not resuming (a resumed checkpoint overrides it)")
     p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=256, type=int,
-                   help="batch of one node, split over its processes")
-    p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float)
+                   help="batch per node (split over its processes)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float, help="initial lr (not scaled by the batch)")
     p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="lr x0.1 epochs (without --cos)")
-    p.add_argument("--momentum", default=0.9, type=float)
-    p.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-4, type=float)
-    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=100, type=int)
-    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (default: newest in --exp-dir)")
-    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (default 0)")
+    p.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-4, type=float, help="weight decay")
+    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=100, type=int, help="log every N iterations")
+    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (empty: the newest in --exp-dir)")
+    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (None: 0)")
     D.add_dist_args(p, dist_url_default="tcp://localhost:10001")
     p.add_argument("--low-dim", "--low_dim", dest="low_dim", default=128, type=int, help="embedding dimension")
     p.add_argument("--pcl-r", "--pcl_r", dest="pcl_r", default=16384, type=int,
                    help="queue length and number of negative prototypes (must be < K - batch per process)")
-    p.add_argument("--moco-m", "--moco_m", dest="moco_m", default=0.999, type=float)
+    p.add_argument("--moco-m", "--moco_m", dest="moco_m", default=0.999, type=float, help="momentum of the key encoder (EMA)")
     p.add_argument("--temperature", default=0.2, type=float, help="InfoNCE τ, also the mean of the concentrations φ")
     p.add_argument("--mlp", action="store_true", help="MLP head (PCL v2)")
     p.add_argument("--aug-plus", "--aug_plus", dest="aug_plus", action="store_true", help="MoCo v2 augmentation (PCL v2)")

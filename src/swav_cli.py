@@ -13,7 +13,7 @@ import logging
 import os
 
 from . import distributed as D
-from .cli import add_engine_args, engine_config, knn_monitor, print_setup
+from .cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, print_setup
 from .errors import UserError, cli_main
 from .multicrop import resolve_data_path
 
@@ -25,7 +25,7 @@ DEFAULT_TEACHER = "path"   # the official default of --pretrained / --teacher (D
 def get_parser(distill: bool) -> argparse.ArgumentParser:
     name = "DisCo + SwAV" if distill else "SwAV"
     p = argparse.ArgumentParser(description=f"{name} pretraining (multi-crop, Sinkhorn-Knopp codes, LARC, per-iteration cosine)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     b = D.str2bool
     g = p.add_argument_group("data")
     g.add_argument("--data_path", "--data-path", dest="data_path", type=str, default="/path/to/imagenet",
@@ -45,11 +45,11 @@ def get_parser(distill: bool) -> argparse.ArgumentParser:
                    help="global queue length, trimmed to a multiple of batch_size x processes (0: no queue)")
     g.add_argument("--epoch_queue_starts", type=int, default=15, help="0-based epoch at which the queue starts")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", default=100, type=int)
+    g.add_argument("--epochs", default=100, type=int, help="training epochs")
     g.add_argument("--batch_size", "--batch-size", dest="batch_size", default=64, type=int,
                    help="batch per process (global = batch_size x processes)")
     g.add_argument("--base_lr", default=4.8, type=float, help="peak lr (LARC, not scaled by the batch)")
-    g.add_argument("--final_lr", type=float, default=0.0, help="cosine floor")
+    g.add_argument("--final_lr", type=float, default=0.0, help="cosine floor (not scaled by the batch)")
     g.add_argument("--freeze_prototypes_niters", default=313, type=int,
                    help="global iterations (epoch x iterations per epoch + it) with the prototypes frozen")
     g.add_argument("--wd", default=1e-6, type=float, help="weight decay, folded into LARC")
@@ -67,7 +67,7 @@ def get_parser(distill: bool) -> argparse.ArgumentParser:
     g.add_argument("--syncbn_process_group_size", type=int, default=8, help="process group size of --sync_bn apex")
     g.add_argument("--dump_path", type=str, default=".", help="output dir (checkpoint, logs, args)")
     g.add_argument("--seed", type=int, default=31, help="seed of torch / numpy / random (same on every rank)")
-    g.add_argument("--resume", default=None, type=str, help="checkpoint to resume from (default: <dump_path>/checkpoint.pth.tar)")
+    g.add_argument("--resume", default=None, type=str, help="checkpoint to resume from (None: <dump_path>/checkpoint.pth.tar)")
     g.add_argument("--print_freq", type=int, default=50, help="log every N iterations")
     if distill:
         g = p.add_argument_group("teacher (DisCo + SwAV)")

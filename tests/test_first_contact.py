@@ -68,6 +68,9 @@ def test_help_shows_each_default_once_and_the_batch_and_lr_meaning(script):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_says_where_val_is_looked_for(script):
     text = " ".join(help_text(script).split())
+    if script == "eval_svm_voc":  # VOC07 has no val/ folder: the help must name the split files instead
+        assert "ImageSets/Main" in text and "no val/" in text
+        return
     assert re.search(r"(DIR|<--data(_path)?>|<--data_path>/\.\.|<data>)/val", text), script
 
 

@@ -25,7 +25,7 @@ import os
 from src import distributed as D
 from src import sanity
 from src.checkpoint import latest_checkpoint
-from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, per_process, print_setup, train_dir
+from src.cli import HelpFormatter, add_engine_args, add_moco_script_args, engine_config, knn_monitor, per_process, print_setup, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, moco_v1_augmentation, moco_v2_augmentation
 from src.engine import CheckpointPolicy, Trainer, seed_everything
@@ -43,25 +43,9 @@ log = logging.getLogger("ssl")
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="DisCo pretraining (student distilled from a frozen teacher)",
                                 formatter_class=HelpFormatter)
-    p.add_argument("data", metavar="DIR", help="dataset root: DIR/train for training, DIR/val for the kNN monitor")
-    p.add_argument("-a", "--arch", default="resnet50", help="student arch (efficientb0, efficientb1, mobilenetv3, resnet18, ...)")
-    p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
-    p.add_argument("--epochs", default=200, type=int, help="training epochs")
-    p.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", default=0, type=int,
-                   help="first epoch when not resuming (a resumed checkpoint overrides it)")
-    p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=256, type=int,
-                   help="batch PER NODE, split over its processes (global = batch x nodes)")
-    p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float,
-                   help="initial lr, used as given (not scaled by the batch)")
-    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="lr x0.1 epochs (without --cos)")
-    p.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
-    p.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-4, type=float, help="weight decay")
-    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=10, type=int, help="log every N iterations")
-    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (empty: the newest in --output_dir)")
+    add_moco_script_args(p, arch_help="student arch (efficientb0, efficientb1, mobilenetv3, resnet18, ...)")
     p.add_argument("--resume-ckpt", "--resume_ckpt", dest="resume_ckpt", action="store_true",
                    help="official: resume from the newest checkpoint in ./ckpt")
-    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (None: 0)")
-    D.add_dist_args(p, dist_url_default="tcp://224.66.41.62:23456")
     p.add_argument("--moco-dim", "--moco_dim", dest="moco_dim", default=128, type=int, help="embedding dim")
     p.add_argument("--moco-k", "--moco_k", dest="moco_k", default=65536, type=int,
                    help="queue length; must be divisible by the global batch")

@@ -19,7 +19,8 @@ import logging
 import os
 
 from src import distributed as D
-from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, per_process, print_setup, train_dir
+from src import sanity
+from src.cli import HelpFormatter, add_engine_args, add_moco_script_args, engine_config, knn_monitor, per_process, print_setup, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, eval_transform, moco_v1_augmentation, moco_v2_augmentation
 from src.engine import CheckpointPolicy, Trainer, seed_everything
@@ -35,22 +36,8 @@ log = logging.getLogger("ssl")
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PCL pretraining", formatter_class=HelpFormatter)
-    p.add_argument("data", metavar="DIR", help="dataset root containing train/")
-    p.add_argument("-a", "--arch", default="resnet50", help="backbone (any registered arch)")
-    p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
-    p.add_argument("--epochs", default=200, type=int, help="training epochs")
-    p.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", default=0, type=int,
-                   help="first epoch when not resuming (a resumed checkpoint overrides it)")
-    p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=256, type=int,
-                   help="batch per node (split over its processes)")
-    p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float, help="initial lr (not scaled by the batch)")
-    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="lr x0.1 epochs (without --cos)")
-    p.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
-    p.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-4, type=float, help="weight decay")
-    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=100, type=int, help="log every N iterations")
-    p.add_argument("--resume", default="", type=str, help="checkpoint to resume from (empty: the newest in --exp-dir)")
-    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (None: 0)")
-    D.add_dist_args(p, dist_url_default="tcp://localhost:10001")
+    add_moco_script_args(p, arch_help="backbone (any registered arch)", print_freq=100, resume_where="--exp-dir",
+                         dist_url_default="tcp://localhost:10001")
     p.add_argument("--low-dim", "--low_dim", dest="low_dim", default=128, type=int, help="embedding dimension")
     p.add_argument("--pcl-r", "--pcl_r", dest="pcl_r", default=16384, type=int,
                    help="queue length and number of negative prototypes (must be < K - batch per process)")
@@ -101,12 +88,17 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
         save_args(args, out)
     policy = CheckpointPolicy(out, should_save=lambda e, n: (e + 1) % 5 == 0)
     cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=policy, method_name="pcl", workers=workers)
-    Trainer(method, optimizer, schedule, train_set, cfg, info, knn_monitor(args, args.data)).fit()
+    knn = knn_monitor(args, args.data)
+    sanity.report(info, sanity.amp_notice(args, info.device),
+                  sanity.lr_warning("pcl", args.lr, batch * info.world_size, "--lr, not scaled"),
+                  sanity.image_size_warning(train_set, args.image_size, "--image_size", "training crops"),
+                  sanity.knn_image_size_warning(knn, args.image_size))
+    Trainer(method, optimizer, schedule, train_set, cfg, info, knn).fit()
 
 
 @cli_main
 def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
+    args = sanity.parse_args(get_parser, argv)
     arch_spec(args.arch)          # fail fast, before any process is spawned
     train_dir(args.data)
     parse_num_cluster(args.num_cluster)

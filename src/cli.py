@@ -28,6 +28,32 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return (h + " " if h else "") + f"(default: {shown})"
 
 
+
+def add_moco_script_args(p: argparse.ArgumentParser, *, arch_help: str = "backbone architecture",
+                         print_freq: int = 10, resume_where: str = "--output_dir",
+                         dist_url_default: str = "tcp://224.66.41.62:23456") -> None:
+    """The flags facebookresearch/moco's ``main_moco.py`` defines and its descendants (DisCo's
+    ``main.py``, PCL's ``main_pcl.py``) copy: data, arch, workers, epochs, batch (per node), lr (not
+    scaled), step schedule, SGD, logging, resume, seed, distributed."""
+    p.add_argument("data", metavar="DIR", help="dataset root: DIR/train for training, DIR/val for the kNN monitor")
+    p.add_argument("-a", "--arch", default="resnet50", help=arch_help)
+    p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
+    p.add_argument("--epochs", default=200, type=int, help="training epochs")
+    p.add_argument("--start-epoch", "--start_epoch", dest="start_epoch", default=0, type=int,
+                   help="first epoch when not resuming (a resumed checkpoint overrides it)")
+    p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=256, type=int,
+                   help="batch PER NODE, split over its processes (global = batch x nodes)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", default=0.03, type=float,
+                   help="initial lr, used as given (not scaled by the batch)")
+    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int, help="lr x0.1 epochs (without --cos)")
+    p.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", default=1e-4, type=float, help="weight decay")
+    p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", default=print_freq, type=int,
+                   help="log every N iterations")
+    p.add_argument("--resume", default="", type=str, help=f"checkpoint to resume from (empty: the newest in {resume_where})")
+    p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (None: 0)")
+    D.add_dist_args(p, dist_url_default=dist_url_default)
+
 def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp16_default: bool = False,
                     knn_root: str = "DIR") -> None:
     """The engine flags of every pretraining script; ``knn_root`` names where the kNN monitor finds

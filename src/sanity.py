@@ -38,6 +38,7 @@ LR_RECIPES: dict[str, tuple[str, Callable[[int], float]]] = {
     "lorac": ("LORAC README: --base_lr 1.8 (LARC, not scaled)", lambda b: 1.8),
     "sogclr": ("SogCLR README: 0.075 x sqrt(global batch)", lambda b: 0.075 * math.sqrt(b)),
     "caco": ("CaCo README: --lr 0.3 x batch_size/256", lambda b: 0.3 * b / 256),
+    "pcl": ("PCL README: --lr 0.03 at batch 256, used as given", lambda b: 0.03),
 }
 
 

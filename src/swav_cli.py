@@ -13,6 +13,7 @@ import logging
 import os
 
 from . import distributed as D
+from . import sanity
 from .cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, print_setup
 from .errors import UserError, cli_main
 from .multicrop import resolve_data_path
@@ -172,13 +173,16 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     cfg = engine_config(args, batch_size=B, output_dir=out, checkpoint=policy,
                         method_name="swav_distill" if args.distill else "swav", workers=args.workers)
     knn = knn_monitor(args, os.path.dirname(os.path.abspath(data_path)), std=SWAV_STD) if args.knn_freq else None
+    sanity.report(info, sanity.amp_notice(args, info.device), sanity.warmup_warning(args.warmup_epochs, args.epochs),
+                  sanity.image_size_warning(train_set, max(args.size_crops), "--size_crops", "training crops"),
+                  sanity.knn_image_size_warning(knn, args.image_size))
     torch.backends.cudnn.benchmark = True
     Trainer(method, optimizer, schedule, train_set, cfg, info, knn).fit()
 
 
 def run(argv: list[str] | None, distill: bool) -> None:
     from .models.backbones import arch_spec
-    args = get_parser(distill).parse_args(argv)
+    args = sanity.parse_args(lambda: get_parser(distill), argv)
     args.distill = distill
     arch_spec(args.arch)   # fail fast, before any process group
     check_args(args)

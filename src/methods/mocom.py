@@ -19,7 +19,6 @@ import logging
 from typing import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as D

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import distributed as D
 from ..errors import UserError
-from ..models.backbones import build_encoder, convert_sync_batchnorm, feat_dim
+from ..models.backbones import build_encoder, convert_sync_batchnorm, feat_dim, sync_bn_plan
 from ..models.heads import moco_head
 from ..models.momentum import make_momentum_copy, momentum_update_, shuffle_bn_forward
 from ..models.queue import advance_, enqueue_, init_queue
@@ -212,25 +212,9 @@ class MoCoM(ContrastiveMethod):
 
 
 def convert_sync_bn(method: MoCoM, mode: str, group_size: int, device: torch.device) -> str:
-    """``--sync_bn pytorch|apex``: SyncBatchNorm for ``encoder_q`` only (§3.3). ``apex`` means groups of
-    ``group_size`` processes (``torch.distributed.new_subgroups``). Returns what was done, for the log.
-    PyTorch's SyncBatchNorm runs only on GPU: on CPU the BN stays per process."""
-    if mode not in ("pytorch", "apex"):
-        return "none"
-    if not D.is_dist():
-        return "single process: plain BatchNorm"
-    if device.type == "cpu":
-        log.warning("--sync_bn %s: torch.nn.SyncBatchNorm does not run on CPU; keeping per-process BatchNorm", mode)
-        return "CPU: per-process BatchNorm"
-    group = None
-    if mode == "apex":
-        ws = D.get_world_size()
-        if group_size < ws and ws % group_size == 0:
-            group, _ = torch.distributed.new_subgroups(group_size)
-            what = f"SyncBatchNorm over groups of {group_size} processes (apex's grouping)"
-        else:
-            what = "SyncBatchNorm over all processes"
-    else:
-        what = "SyncBatchNorm over all processes"
-    method.encoder_q = convert_sync_batchnorm(method.encoder_q, process_group=group)  # timm norm-act layers too
+    """``--sync_bn pytorch|apex``: SyncBatchNorm for ``encoder_q`` only (§3.3); see
+    :func:`~src.models.backbones.sync_bn_plan`. Returns what was done, for the log."""
+    convert, group, what = sync_bn_plan(mode, group_size, device)
+    if convert:
+        method.encoder_q = convert_sync_batchnorm(method.encoder_q, process_group=group)  # timm norm-act layers too
     return what

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import distributed as D
 from ..errors import UserError
-from ..models.backbones import arch_spec, build_encoder, convert_sync_batchnorm
+from ..models.backbones import arch_spec, build_encoder, convert_sync_batchnorm, sync_bn_plan
 from ..models.swav_resnet import swav_projection_head
 from .base import ContrastiveMethod, Headless
 from .mocom import resolution_groups
@@ -140,18 +140,9 @@ class SwAV(ContrastiveMethod):
 
     def convert_sync_bn(self, mode: str, group_size: int, device: torch.device) -> str:
         """``--sync_bn pytorch|apex``: SyncBatchNorm for the whole model, head BN1d included (§2.6)."""
-        if mode not in ("pytorch", "apex"):
-            return "none"
-        if not D.is_dist():
-            return "single process: plain BatchNorm"
-        if device.type == "cpu":
-            log.warning("--sync_bn %s: torch.nn.SyncBatchNorm does not run on CPU; keeping per-process BatchNorm", mode)
-            return "CPU: per-process BatchNorm"
-        group, what = None, "SyncBatchNorm over all processes"
-        ws = D.get_world_size()
-        if mode == "apex" and group_size < ws and ws % group_size == 0:
-            group, _ = torch.distributed.new_subgroups(group_size)
-            what = f"SyncBatchNorm over groups of {group_size} processes (apex's grouping)"
+        convert, group, what = sync_bn_plan(mode, group_size, device)
+        if not convert:
+            return what
         self._adopt(convert_sync_batchnorm(self._encoder, process_group=group))
         self.projection_head = convert_sync_batchnorm(self.projection_head, process_group=group)
         return what

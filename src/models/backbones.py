@@ -114,6 +114,28 @@ def head_attr(arch: str) -> str:
     return arch_spec(arch).head_attr
 
 
+def sync_bn_plan(mode: str, group_size: int, device) -> tuple[bool, object, str]:
+    """What ``--sync_bn pytorch|apex`` does here: (convert?, process group, description for the log).
+    ``apex`` means groups of ``group_size`` processes (``torch.distributed.new_subgroups``). PyTorch's
+    SyncBatchNorm runs only on GPU: on CPU (and in a single process) the BN stays per process."""
+    import logging
+
+    import torch.distributed as dist
+    if mode not in ("pytorch", "apex"):
+        return False, None, "none"
+    if not (dist.is_available() and dist.is_initialized()):
+        return False, None, "single process: plain BatchNorm"
+    if getattr(device, "type", str(device)) == "cpu":
+        logging.getLogger("ssl").warning("--sync_bn %s: torch.nn.SyncBatchNorm does not run on CPU; keeping "
+                                         "per-process BatchNorm", mode)
+        return False, None, "CPU: per-process BatchNorm"
+    ws = dist.get_world_size()
+    if mode == "apex" and group_size < ws and ws % group_size == 0:
+        group, _ = dist.new_subgroups(group_size)
+        return True, group, f"SyncBatchNorm over groups of {group_size} processes (apex's grouping)"
+    return True, None, "SyncBatchNorm over all processes"
+
+
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """SyncBatchNorm for every BatchNorm of ``module``, including timm's fused norm+activation layers
     (``BatchNormAct2d`` → ``SyncBatchNormAct``). ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``

@@ -7,9 +7,68 @@ the flags of ``main_swav.py`` plus the frozen SwAV teacher.
 
 The loss is SwAV's plus ``F.mse_loss(student, teacher) / len(crops_for_assign)`` with the student
 normalised and the teacher not (official); ``--distill_normalize_teacher true`` compares two unit
-vectors. See docs/swav.md.
+vectors. Everything but the teacher is ``main_swav.py``'s (:func:`main_swav.fit`). See docs/swav.md.
 """
-from src.swav_cli import main_swav_distill
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import main_swav
+from src import distributed as D
+from src import sanity
+from src.errors import UserError, cli_main
+from src.methods.swav_distill import SwAVDistill
+from src.models.swav_resnet import SWAV_TEACHERS
+from src.models.teacher import load_teacher
+
+log = logging.getLogger("ssl")
+
+DEFAULT_TEACHER = "path"   # the official default of --pretrained / --teacher (D L140-143)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = main_swav.get_parser("DisCo + SwAV pretraining (SwAV's multi-crop training plus an MSE to a frozen SwAV teacher)")
+    g = p.add_argument_group("teacher (DisCo + SwAV)")
+    g.add_argument("--pretrained", default=DEFAULT_TEACHER, type=str,
+                   help="teacher checkpoint: a SwAV raw state dict (swav_800ep_pretrain.pth.tar)")
+    g.add_argument("--teacher", default=DEFAULT_TEACHER, type=str, help="unused, as in the official code")
+    g.add_argument("--teacher_arch", default="SWAVresnet50",
+                   help="SwAV-format teacher (official: hard-coded ResNet-50): " + ", ".join(SWAV_TEACHERS))
+    g.add_argument("--distill_normalize_teacher", type=D.str2bool, default=False,
+                   help="L2-normalise the teacher's projection before the MSE (official false: the normalised "
+                        "student is compared with the raw teacher projection)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    main_swav.check_args(args)
+    if args.teacher_arch not in SWAV_TEACHERS:
+        raise UserError(f"--teacher_arch {args.teacher_arch!r}: choose a SwAV-format teacher: {', '.join(SWAV_TEACHERS)}")
+    if not os.path.isfile(args.pretrained):  # official: trains against a random teacher with one log line
+        raise UserError(f"--pretrained teacher checkpoint not found: {args.pretrained}")
+
+
+def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
+    out = main_swav.setup(info, args)
+    if args.teacher != DEFAULT_TEACHER:
+        log.warning("--teacher is unused (as in the official code): the teacher is --pretrained")
+    teacher, tinfo = load_teacher(args.pretrained, args.teacher_arch, args.feat_dim)
+    method = SwAVDistill(args.arch, args.nmb_crops, teacher=teacher, normalize_teacher=args.distill_normalize_teacher,
+                         teacher_info=tinfo.record(), **main_swav.swav_kwargs(args, info.world_size))
+    described = (f" | teacher {args.teacher_arch} ({tinfo.head.replace(', L2-normalised', '')}, eval mode), MSE "
+                 f"mean / {len(args.crops_for_assign)} against the "
+                 f"{'normalised' if args.distill_normalize_teacher else 'raw'} teacher projection")
+    main_swav.fit(info, args, out, method, "swav_distill", described)
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = sanity.parse_args(get_parser, argv)
+    check_args(args)   # fail fast, before any process group
+    D.launch(main_worker, args)
+
 
 if __name__ == "__main__":
-    main_swav_distill()
+    main()

@@ -54,6 +54,14 @@ def add_moco_script_args(p: argparse.ArgumentParser, *, arch_help: str = "backbo
     p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (None: 0)")
     D.add_dist_args(p, dist_url_default=dist_url_default)
 
+def positive_int(v: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into one usage line)."""
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return n
+
+
 def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp16_default: bool = False,
                     knn_root: str = "DIR") -> None:
     """The engine flags of every pretraining script; ``knn_root`` names where the kNN monitor finds
@@ -77,6 +85,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp
     g.add_argument("--cifar_stem", action="store_true", help="3x3 stride-1 ResNet stem without max-pool")
     g.add_argument("--max_iters", type=int, default=None, help="iterations per epoch cap (smoke tests; None: no cap)")
     g.add_argument("--data_seed", type=int, default=0, help="seed of the data order and augmentations")
+    g.add_argument("--stop_check_every", type=positive_int, default=10,
+                   help="iterations between two polls for a stop signal (SIGTERM/SIGUSR1; a host-side all-reduce)")
 
 
 def engine_config(args: argparse.Namespace, *, batch_size: int, output_dir: str, checkpoint: CheckpointPolicy,
@@ -87,7 +97,7 @@ def engine_config(args: argparse.Namespace, *, batch_size: int, output_dir: str,
                         method_name=method_name, arch=args.arch, args=vars(args), workers=workers,
                         print_freq=args.print_freq, amp=amp_mode(args), channels_last=args.channels_last,
                         resume=args.resume or None, auto_resume=args.auto_resume, seed=args.data_seed,
-                        knn_freq=args.knn_freq, max_iters=args.max_iters,
+                        knn_freq=args.knn_freq, max_iters=args.max_iters, stop_check_every=args.stop_check_every,
                         start_epoch=getattr(args, "start_epoch", 0))
 
 

@@ -68,22 +68,27 @@ def add_larc_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return g
 
 
-def add_run_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Arch, workers, checkpoints, sync BN, output, seed, resume, logging."""
+def add_run_args(p: argparse.ArgumentParser, *, checkpoint_freq: int = 10, print_freq: int = 100,
+                 zero_based_copies: bool = False,
+                 arch_help: str = "mocom_r50, mocom_r18 or any registered backbone (resnet50 = mocom_r50)",
+                 sync_bn_help: str = "pytorch | apex: SyncBatchNorm for encoder_q (GPU only); anything else: none",
+                 ) -> argparse._ArgumentGroup:
+    """Arch, workers, checkpoints, sync BN, output, seed, resume, logging. The defaults differ between the
+    official scripts (MoCo-M/LORAC: ``--checkpoint_freq 10``, ``--print_freq 100``, copies at
+    ``(epoch+1) % freq == 0``; SwAV: 25, 50, copies at ``epoch % freq == 0``), hence the parameters."""
+    when = "epoch" if zero_based_copies else "(epoch+1)"
     g = p.add_argument_group("other")
-    g.add_argument("--arch", "-a", default="resnet50", type=str,
-                   help="mocom_r50, mocom_r18 or any registered backbone (resnet50 = mocom_r50)")
+    g.add_argument("--arch", "-a", default="resnet50", type=str, help=arch_help)
     g.add_argument("--workers", default=10, type=int, help="data loading workers per process")
-    g.add_argument("--checkpoint_freq", type=int, default=10,
-                   help="copy checkpoint.pth.tar to checkpoints/ckp-{epoch}.pth when (epoch+1) %% freq == 0 and at the end")
-    g.add_argument("--sync_bn", type=str, default="pytorch",
-                   help="pytorch | apex: SyncBatchNorm for encoder_q (GPU only); anything else: none")
+    g.add_argument("--checkpoint_freq", type=int, default=checkpoint_freq,
+                   help=f"copy checkpoint.pth.tar to checkpoints/ckp-{{epoch}}.pth when {when} %% freq == 0 and at the end")
+    g.add_argument("--sync_bn", type=str, default="pytorch", help=sync_bn_help)
     g.add_argument("--syncbn_process_group_size", type=int, default=8, help="process group size of --sync_bn apex")
     g.add_argument("--dump_path", type=str, default=".", help="output dir (checkpoint, logs, args)")
     g.add_argument("--seed", type=int, default=31, help="seed of torch / numpy / random (same on every rank)")
     g.add_argument("--resume", default=None, type=str,
                    help="checkpoint to resume from (None: <dump_path>/checkpoint.pth.tar if present)")
-    g.add_argument("--print_freq", type=int, default=100, help="log every N iterations")
+    g.add_argument("--print_freq", type=int, default=print_freq, help="log every N iterations")
     return g
 
 
@@ -146,11 +151,14 @@ def larc_with_cosine(params, args: argparse.Namespace):
     return optimizer, schedule
 
 
-def swav_checkpoint_policy(out: str, checkpoint_freq: int) -> CheckpointPolicy:
+def swav_checkpoint_policy(out: str, checkpoint_freq: int, zero_based: bool = False) -> CheckpointPolicy:
     """``checkpoint.pth.tar`` every epoch (auto-resumed) and ``checkpoints/ckp-{epoch}.pth`` when
-    ``(epoch + 1) % checkpoint_freq == 0`` or at the last epoch."""
+    ``(epoch + 1) % checkpoint_freq == 0`` (MoCo-M/LORAC) or ``epoch % checkpoint_freq == 0``
+    (``zero_based``: SwAV), and at the last epoch."""
+    shift = 0 if zero_based else 1
+
     def copies(e: int, n: int) -> list[str]:
-        if (e + 1) % checkpoint_freq == 0 or e + 1 == n:
+        if (e + shift) % checkpoint_freq == 0 or e + 1 == n:
             return [os.path.join(out, "checkpoints", f"ckp-{e}.pth")]
         return []
     return CheckpointPolicy(out, filename=lambda e: "checkpoint.pth.tar", fixed_resume_name="checkpoint.pth.tar",

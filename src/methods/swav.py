@@ -112,6 +112,7 @@ class SwAV(ContrastiveMethod):
         self.arch, self.temperature, self.epsilon = arch, temperature, epsilon
         self.sinkhorn_iterations, self.epoch_queue_starts = sinkhorn_iterations, epoch_queue_starts
         self.freeze_prototypes_niters, self.world_size = freeze_prototypes_niters, world_size
+        self.queue_length = queue_length   # global (each rank keeps queue_length / world_size)
         spec = arch_spec(arch)
         self._adopt(build_encoder(arch, None, cifar_stem=cifar_stem))
         self.projection_head = swav_head(spec.feat_dim, hidden_mlp, feat_dim)

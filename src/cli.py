@@ -54,12 +54,16 @@ def add_moco_script_args(p: argparse.ArgumentParser, *, arch_help: str = "backbo
     p.add_argument("--seed", default=None, type=int, help="seed of init and training randomness (None: 0)")
     D.add_dist_args(p, dist_url_default=dist_url_default)
 
-def positive_int(v: str) -> int:
-    """argparse type: an integer >= 1 (argparse turns the ValueError into one usage line)."""
+def positive_int(v: str, least: int = 1) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into one usage line)."""
     n = int(v)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    if n < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {v}")
     return n
+
+
+def nonnegative_int(v: str) -> int:
+    return positive_int(v, least=0)
 
 
 def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp16_default: bool = False,
@@ -87,6 +91,12 @@ def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp
     g.add_argument("--data_seed", type=int, default=0, help="seed of the data order and augmentations")
     g.add_argument("--stop_check_every", type=positive_int, default=10,
                    help="iterations between two polls for a stop signal (SIGTERM/SIGUSR1; a host-side all-reduce)")
+    g.add_argument("--requeue", action="store_true",
+                   help="under SLURM: after a stop by signal writes its checkpoint, `scontrol requeue $SLURM_JOB_ID` "
+                        "(pair with #SBATCH --signal=USR1@120 and --requeue); the requeued job auto-resumes")
+    g.add_argument("--skip_nonfinite", type=nonnegative_int, default=0, metavar="N",
+                   help="skip up to N optimisation steps whose loss is non-finite (logged; one flag all-reduce per "
+                        "step) instead of stopping at the first (0)")
 
 
 def engine_config(args: argparse.Namespace, *, batch_size: int, output_dir: str, checkpoint: CheckpointPolicy,
@@ -98,6 +108,7 @@ def engine_config(args: argparse.Namespace, *, batch_size: int, output_dir: str,
                         print_freq=args.print_freq, amp=amp_mode(args), channels_last=args.channels_last,
                         resume=args.resume or None, auto_resume=args.auto_resume, seed=args.data_seed,
                         knn_freq=args.knn_freq, max_iters=args.max_iters, stop_check_every=args.stop_check_every,
+                        skip_nonfinite=args.skip_nonfinite, requeue=args.requeue,
                         start_epoch=getattr(args, "start_epoch", 0))
 
 

@@ -17,13 +17,15 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass
 class StepInfo:
     """One optimisation step. ``applied`` is False when GradScaler skipped ``optimizer.step`` (an
-    fp16 overflow): state updates tied to the step (CaCo's memory) must then be skipped too. It is
-    None in ``before_optimizer_step``, where the outcome is not known yet."""
+    fp16 overflow, or a non-finite loss under ``--skip_nonfinite``, then ``nonfinite`` is True): state
+    updates tied to the step (CaCo's memory) must then be skipped too. It is None in
+    ``before_optimizer_step``, where the outcome is not known yet."""
     epoch: int
     iteration: int
     global_step: int
     lr: float
     applied: bool | None = True
+    nonfinite: bool = False
 
 
 class StopRequested(Exception):

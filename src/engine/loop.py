@@ -30,7 +30,7 @@ from ..methods.base import ContrastiveMethod
 from . import resume as R
 from .hooks import FitContext, StopRequested
 from .monitor import KnnMonitor
-from .preemption import StopSignal
+from .preemption import StopSignal, requeue_slurm_job
 from .step import TrainStep
 
 log = logging.getLogger("ssl")
@@ -61,6 +61,8 @@ class EngineConfig:
     max_iters: int | None = None   # stop each epoch after this many iterations (smoke tests)
     start_epoch: int = 0           # first epoch when not resuming (a resumed checkpoint overrides it)
     stop_check_every: int = 10     # steps between two stop-signal polls
+    skip_nonfinite: int = 0        # non-finite-loss steps skipped before the run stops (0: stop at the first)
+    requeue: bool = False          # after a stop by signal under SLURM: `scontrol requeue $SLURM_JOB_ID`
     save_frozen: bool = False      # keep frozen modules (a DisCo teacher) in the checkpoints
 
 
@@ -97,7 +99,9 @@ class Trainer:
                 find_unused_parameters=cfg.find_unused_parameters)
         else:
             self.model = method
-        self.step = TrainStep(optimizer, self.device, cfg.amp, before_step=method.before_optimizer_step)
+        self.step = TrainStep(optimizer, self.device, cfg.amp, before_step=method.before_optimizer_step,
+                              skip_nonfinite=cfg.skip_nonfinite > 0)
+        self.nonfinite_skipped = 0   # steps skipped for a non-finite loss in this run (--skip_nonfinite)
         self.scaler = self.step.scaler
         self.stop = StopSignal(cfg.stop_check_every)
         self.logger = RunLogger(cfg.output_dir, active=info.is_main)
@@ -128,17 +132,25 @@ class Trainer:
         pol = self.cfg.checkpoint
         if not (pol.should_save(epoch, self.cfg.epochs) or epoch + 1 == self.cfg.epochs):
             return False
-        if self.info.is_main:
-            self.last_checkpoint = pol.write(self.state(epoch), epoch, self.cfg.epochs)
-        D.barrier()
+        self._write(lambda: pol.write(self.state(epoch), epoch, self.cfg.epochs), f"of epoch {epoch}")
         return True
+
+    def _write(self, write: Callable[[], str], what: str) -> None:
+        """Rank 0 writes (atomically: the previous checkpoint survives a kill or a full disk); a failed
+        write is the same one-line error on every rank."""
+        err = ""
+        if self.info.is_main:
+            try:
+                self.last_checkpoint = write()
+            except OSError as e:
+                err = (f"cannot write the checkpoint {what} in {self.cfg.checkpoint.directory}: {e.strerror or e}; "
+                       f"the previous checkpoint ({self.last_checkpoint or 'none'}) is intact")
+        D.agree(not err, err)
 
     def save_interrupted(self, epoch: int, next_iter: int) -> str:
         path = os.path.join(self.cfg.checkpoint.directory, self.cfg.checkpoint.interrupted_name)
-        if self.info.is_main:
-            save_atomic(self.state(epoch, next_iter), path)
-            self.last_checkpoint = path
-        D.barrier()
+        state = self.state(epoch, next_iter) if self.info.is_main else None
+        self._write(lambda: save_atomic(state, path) or path, f"at epoch {epoch} iteration {next_iter}")
         return path
 
     def resume(self) -> None:
@@ -222,6 +234,8 @@ class Trainer:
                         break
         finally:
             self.logger.close()
+        if last.get("interrupted") and self.cfg.requeue and self.info.is_main:
+            requeue_slurm_job()
         return last
 
     def _stopped_at_epoch_start(self, epoch: int, start_it: int) -> dict[str, float]:
@@ -267,6 +281,7 @@ class Trainer:
         bar = tqdm(total=self.iters, initial=start_it, desc=f"epoch {epoch}", disable=not self.info.is_main,
                    dynamic_ncols=True, mininterval=1.0)
         lr = self.lr_schedule(epoch, start_it, self.epoch_len)
+        first_bad = None   # device tensor: first iteration whose loss was non-finite (no sync per step)
         for it, (crops, _, index) in enumerate(self.loader, start=start_it):
             if it >= self.iters:
                 break
@@ -275,15 +290,19 @@ class Trainer:
             gstep = epoch * self.epoch_len + it
             out, step = self.step(lambda: self.model(crops, index), lr, epoch, it, gstep)
             self.method.after_step(step)
-            for k, v in out.items():
-                v = v.float()
-                sums[k] = sums.get(k, 0) + v
-                win[k] = win.get(k, 0) + v
-            n, nwin = n + 1, nwin + 1
+            if step.nonfinite:
+                self._skipped_nonfinite(out["loss"], epoch, it)
+            else:
+                first_bad = self._track_nonfinite(out["loss"], it, first_bad)
+                for k, v in out.items():
+                    v = v.float()
+                    sums[k] = sums.get(k, 0) + v
+                    win[k] = win.get(k, 0) + v
+                n, nwin = n + 1, nwin + 1
             bar.update(1)
             if (it + 1) % cfg.print_freq == 0 or it + 1 == self.iters:
                 m = self._sync_means(win, nwin)
-                self._check_finite(m, epoch, it)
+                self._check_finite(m, epoch, it, first_bad)
                 ips = nwin * cfg.batch_size * self.info.world_size / max(time.time() - tw, 1e-9)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{ips:.1f}")
                 self.logger.write({"epoch": epoch, "iter": it, "lr": lr, "img_per_s": ips, **m}, step=gstep,
@@ -297,15 +316,34 @@ class Trainer:
                 return {"interrupted": 1.0, "next_iter": float(it + 1)}
         bar.close()
         m = self._sync_means(sums, n)
-        self._check_finite(m, epoch, n)
+        self._check_finite(m, epoch, n, first_bad)
         m["lr"] = lr
         m["epoch_time_s"] = time.time() - t0
         m["img_per_s"] = n * cfg.batch_size * self.info.world_size / max(m["epoch_time_s"], 1e-9)
         log.info("epoch %d: %s", epoch, " ".join(f"{k} {v:.4g}" for k, v in m.items()))
         return m
 
-    def _check_finite(self, m: dict[str, float], epoch: int, it: int) -> None:
+    @staticmethod
+    def _track_nonfinite(loss: torch.Tensor, it: int, first_bad: torch.Tensor | None) -> torch.Tensor:
+        bad = ~torch.isfinite(loss.detach().float())
+        if first_bad is None:
+            first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        return torch.where(bad & first_bad.lt(0), torch.full_like(first_bad, it), first_bad)
+
+    def _check_finite(self, m: dict[str, float], epoch: int, it: int, first_bad: torch.Tensor | None = None) -> None:
         if not math.isfinite(m.get("loss", 0.0)):
+            bad = int(first_bad) if first_bad is not None and int(first_bad) >= 0 else it
             where = self.last_checkpoint or "none written yet"
-            raise NonFiniteLoss(f"loss is {m['loss']} at epoch {epoch} iteration {it}: stopping. "
-                                f"Last good checkpoint: {where}")
+            raise NonFiniteLoss(f"loss is {m['loss']} at epoch {epoch} iteration {bad}: stopping (--skip_nonfinite N "
+                                f"skips up to N such steps). Last good checkpoint: {where}")
+
+    def _skipped_nonfinite(self, loss: torch.Tensor, epoch: int, it: int) -> None:
+        self.nonfinite_skipped += 1
+        if self.nonfinite_skipped > self.cfg.skip_nonfinite:
+            raise NonFiniteLoss(f"loss is {float(loss)} at epoch {epoch} iteration {it}: more than --skip_nonfinite "
+                                f"{self.cfg.skip_nonfinite} non-finite steps, stopping. Last good checkpoint: "
+                                f"{self.last_checkpoint or 'none written yet'}")
+        log.warning("non-finite loss (%s) at epoch %d iteration %d: step skipped (%d of at most %d)",
+                    float(loss), epoch, it, self.nonfinite_skipped, self.cfg.skip_nonfinite)
+        self.logger.write({"epoch": epoch, "iter": it, "nonfinite_skipped": self.nonfinite_skipped},
+                          step=epoch * self.epoch_len + it, prefix="train/")

@@ -53,3 +53,26 @@ class StopSignal:
     def poll(self) -> bool:
         """Collective: True on every rank when any rank received a stop signal."""
         return D.any_rank(self.received is not None)
+
+
+def requeue_slurm_job() -> bool:
+    """``--requeue``: after the stop checkpoint is written, put the SLURM job back in the queue with
+    ``scontrol requeue $SLURM_JOB_ID`` (what the official SwAV / Barlow Twins scripts do on SIGUSR1); the
+    requeued job runs the same command and auto-resumes. Rank 0 only. Returns whether it was requeued."""
+    import shutil
+    import subprocess
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job
+           else os.environ.get("SLURM_JOB_ID"))
+    if not job:
+        log.warning("--requeue: not running under SLURM (no SLURM_JOB_ID): run the same command again to resume")
+        return False
+    if shutil.which("scontrol") is None:
+        log.warning("--requeue: scontrol not found on PATH: job %s not requeued; resubmit it to resume", job)
+        return False
+    r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        log.warning("--requeue: `scontrol requeue %s` failed: %s", job, (r.stderr or r.stdout).strip()[:200])
+        return False
+    log.warning("requeued SLURM job %s: it resumes from the checkpoint just written", job)
+    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,6 +43,19 @@ class CheckpointPolicy:
             p = os.path.join(self.directory, self.fixed_resume_name)
             return p if os.path.isfile(p) else None
         return latest_checkpoint(self.directory)
+
+    def candidates(self) -> list[str]:
+        """Every file auto-resume may fall back to, newest first: the primary checkpoint and the
+        interrupted one, then older ``checkpoint_NNNN`` files and the ``checkpoints/`` copies."""
+        primary = [p for p in (self.latest(), os.path.join(self.directory, self.interrupted_name))
+                   if p and os.path.isfile(p)]
+        rx = re.compile(r"(checkpoint(_\d+)?\.pth\.tar|checkpoint_interrupted\.pth\.tar|ckp-\d+\.pth)")
+        older = []
+        for d in (self.directory, os.path.join(self.directory, "checkpoints")):
+            if os.path.isdir(d):
+                older += [os.path.join(d, f) for f in os.listdir(d) if rx.fullmatch(f)]
+        older = sorted((p for p in older if p not in primary), key=os.path.getmtime, reverse=True)
+        return primary + older
 
     def write(self, state: dict, epoch: int, epochs: int) -> str:
         """Rank 0: the epoch's checkpoint and its copies; removes a superseded interrupted one."""
@@ -88,12 +102,29 @@ def decide_on_rank0(policy: CheckpointPolicy, resume: str | None, auto_resume: b
             return None, None
         ck = load_checkpoint(resume)
         return _plan(resume, ck), ck
-    cands = [p for p in (policy.latest(), os.path.join(policy.directory, policy.interrupted_name))
-             if p and os.path.isfile(p)]
-    loaded = [(p, load_checkpoint(p)) for p in cands]
+    cands = policy.candidates()
+    n_primary = sum(1 for p in (policy.latest(), os.path.join(policy.directory, policy.interrupted_name))
+                    if p and os.path.isfile(p))
+    loaded, skipped = [], []
+    for i, p in enumerate(cands):
+        if i >= n_primary and loaded:   # older files are only a fallback for unreadable primary ones
+            break
+        try:
+            ck = load_checkpoint(p)
+            _position(ck)
+        except (UserError, KeyError, TypeError, ValueError) as e:
+            skipped.append(p)
+            log.warning("auto-resume: skipping %s, which cannot be read (%s)", p, str(e).split(": ", 1)[-1][:160])
+            continue
+        loaded.append((p, ck))
     if not loaded:
+        if skipped:
+            raise UserError(f"auto-resume: no readable checkpoint in {policy.directory} ({len(skipped)} unreadable: "
+                            f"{', '.join(os.path.basename(p) for p in skipped)}); move them away to start from scratch")
         return None, None
     path, ck = max(loaded, key=lambda pc: _position(pc[1]))
+    if skipped:
+        log.warning("auto-resume: resuming from %s, the newest readable checkpoint", path)
     return _plan(path, ck), ck
 
 

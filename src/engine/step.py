@@ -4,6 +4,11 @@ CaCo's ``--ad_init``, the linear probe, fine-tuning).
 lr → forward under autocast → scaled backward → unscale (LARC/LARS need the true gradients) →
 ``before_step`` hook → ``optimizer.step`` (skipped by GradScaler on an fp16 overflow) → scaler
 update → :class:`StepInfo` with ``applied``.
+
+With ``skip_nonfinite`` the loss is checked on every step (one all-reduce of a flag, so every
+process skips the same steps): a non-finite loss on any process skips ``optimizer.step`` and the
+scaler update, like GradScaler's own skip, and the step reports ``applied=False, nonfinite=True``.
+State a method updates inside its forward (a MoCo queue) is not rolled back.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import logging
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from ..optim import set_lr
 from .hooks import StepInfo
@@ -27,8 +33,10 @@ def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
 
 class TrainStep:
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, amp: str | None = None,
-                 before_step: Callable[[StepInfo], None] | None = None, force_scaler: bool = False):
+                 before_step: Callable[[StepInfo], None] | None = None, force_scaler: bool = False,
+                 skip_nonfinite: bool = False):
         self.optimizer, self.device, self.before_step = optimizer, device, before_step
+        self.skip_nonfinite = skip_nonfinite
         self.dtype = amp_dtype(amp, device)
         if amp and self.dtype is None:  # the entry scripts say so once, in words (src/sanity.py:amp_notice)
             log.debug("%s autocast is CUDA-only: this run trains in fp32", amp)
@@ -47,6 +55,10 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()
         info = StepInfo(epoch, iteration, global_step, lr, applied=None)
+        if self.skip_nonfinite and not self._finite_everywhere(out["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            info.applied, info.nonfinite = False, True
+            return {k: v.detach() for k, v in out.items()}, info
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         if self.before_step is not None:
@@ -61,3 +73,10 @@ class TrainStep:
             self.optimizer.step()
             info.applied = True
         return {k: v.detach() for k, v in out.items()}, info
+
+    @staticmethod
+    def _finite_everywhere(loss: torch.Tensor) -> bool:
+        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())

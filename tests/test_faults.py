@@ -1,0 +1,187 @@
+"""Faults a cluster user meets (issue 14), each provoked for real: a non-finite loss, a checkpoint write
+that fails (file-size limit) or is killed half-way, unreadable newest checkpoints, SLURM requeue."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from src.checkpoint import load_checkpoint
+from src.engine import CheckpointPolicy
+from src.engine.loop import NonFiniteLoss
+from tests.test_engine import Tiny, _trainer
+
+
+class NaNAt(Tiny):
+    """Tiny whose loss is NaN at the given forward calls (1-based)."""
+
+    def __init__(self, bad: set[int]):
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def forward(self, crops, index=None, **kw):
+        self.calls += 1
+        out = super().forward(crops, index, **kw)
+        if self.calls in self.bad:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def _weights(m) -> dict:
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+def test_nonfinite_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tmp_path):
+    # 4 iterations per epoch; forward 6 = epoch 1, iteration 1; printed only at the epoch end
+    t = _trainer(tmp_path, method=NaNAt({6}), print_freq=1000)
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at epoch 1 iteration 1: stopping .*Last good checkpoint: "
+                       r".*checkpoint_0000\.pth\.tar"):
+        t.fit()
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".tar")) == ["checkpoint_0000.pth.tar"]
+    assert load_checkpoint(str(tmp_path / "checkpoint_0000.pth.tar"))["epoch"] == 1
+
+
+def test_skip_nonfinite_skips_up_to_n_steps(tmp_path):
+    m = NaNAt({3, 6})
+    seen = []
+    orig = m.after_step
+
+    def after_step(step):
+        seen.append((step.iteration, step.applied, step.nonfinite, _weights(m.encoder_q)))
+        orig(step)
+    m.after_step = after_step
+    t = _trainer(tmp_path / "a", method=m, skip_nonfinite=2, epochs=2)
+    t.fit()
+    assert t.nonfinite_skipped == 2
+    flags = [(it, applied, nf) for it, applied, nf, _ in seen]
+    assert flags[2] == (2, False, True) and flags[5] == (1, False, True) and flags[1] == (1, True, False)
+    for k, v in seen[1][3].items():   # the skipped step left the weights as the step before had them
+        assert torch.equal(v, seen[2][3][k]), k
+    assert not torch.equal(seen[2][3]["0.weight"], seen[3][3]["0.weight"])   # the next step trains again
+    rows = open(tmp_path / "a" / "log.jsonl").read()
+    assert '"nonfinite_skipped": 2' in rows
+    with pytest.raises(NonFiniteLoss, match=r"more than --skip_nonfinite 1 non-finite steps"):
+        _trainer(tmp_path / "b", method=NaNAt({3, 6}), skip_nonfinite=1, epochs=2).fit()
+
+
+# ----------------------------------------------------------------------------- checkpoint writes
+CHILD = textwrap.dedent("""
+    import os, resource, signal, sys, time
+    sys.path.insert(0, {root!r})
+    import torch
+    from tests.test_engine import _trainer
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "kill":   # the 2nd checkpoint write stalls half-way; the parent SIGKILLs us then
+        real, n = torch.save, [0]
+        def slow(obj, f, *a, **k):
+            n[0] += 1
+            if n[0] == 2:
+                f.write(b"PK\\x03\\x04" + b"x" * 1000); f.flush(); open(out + "/.writing", "w").close()
+                time.sleep(60)
+            return real(obj, f, *a, **k)
+        torch.save = slow
+    else:                # the disk is full for the 2nd write: a file-size limit below its size
+        real, n = torch.save, [0]
+        def limited(obj, f, *a, **k):
+            n[0] += 1
+            if n[0] == 2:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+            return real(obj, f, *a, **k)
+        torch.save = limited
+    from src.errors import cli_main
+    cli_main(lambda: _trainer(out).fit())()
+""")
+
+
+def _child(mode: str, out: str) -> subprocess.Popen:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen([sys.executable, "-c", CHILD.format(root=root), mode, out], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_path):
+    p = _child("full", str(tmp_path))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2, out + err
+    lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "cannot write the checkpoint of epoch 1" in lines[0] and "File too large" in lines[0]
+    assert "checkpoint_0000.pth.tar) is intact" in lines[0]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]   # the failed write cleaned up
+    assert load_checkpoint(str(tmp_path / "checkpoint_0000.pth.tar"))["epoch"] == 1
+    _trainer(tmp_path).fit()   # the disk has room again: the run resumes and finishes
+    assert load_checkpoint(str(tmp_path / "checkpoint_0002.pth.tar"))["epoch"] == 3
+
+
+def test_kill_during_a_checkpoint_write_loses_nothing(tmp_path):
+    import time
+    p = _child("kill", str(tmp_path))
+    t0 = time.time()
+    while not os.path.exists(tmp_path / ".writing") and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.02)
+    assert os.path.exists(tmp_path / ".writing"), p.communicate()[1][-2000:]
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]     # the half file is there ...
+    assert not os.path.exists(tmp_path / "checkpoint_0001.pth.tar")       # ... under a name never resumed
+    t = _trainer(tmp_path)
+    t.fit()
+    assert t.resumed_from == str(tmp_path / "checkpoint_0000.pth.tar")
+    assert load_checkpoint(str(tmp_path / "checkpoint_0002.pth.tar"))["epoch"] == 3
+
+
+def test_auto_resume_skips_unreadable_newest_checkpoints(tmp_path, caplog):
+    _trainer(tmp_path, epochs=2).fit()
+    good = tmp_path / "checkpoint_0000.pth.tar"
+    data = (tmp_path / "checkpoint_0001.pth.tar").read_bytes()
+    (tmp_path / "checkpoint_0001.pth.tar").write_bytes(data[: len(data) // 2])      # truncated
+    (tmp_path / "checkpoint_interrupted.pth.tar").write_text("not a checkpoint")   # garbage
+    t = _trainer(tmp_path, epochs=2)
+    with caplog.at_level("WARNING", logger="ssl"):
+        t.resume()
+    assert t.resumed_from == str(good) and t.start_epoch == 1
+    msgs = caplog.text
+    assert "skipping" in msgs and "checkpoint_0001.pth.tar" in msgs and "checkpoint_interrupted.pth.tar" in msgs
+    assert f"resuming from {good}, the newest readable checkpoint" in msgs
+    # the SwAV layout: a truncated checkpoint.pth.tar falls back to the newest checkpoints/ckp-N.pth copy
+    swav = tmp_path / "swav"
+    pol = lambda: CheckpointPolicy(str(swav), filename=lambda e: "checkpoint.pth.tar",  # noqa: E731
+                                   fixed_resume_name="checkpoint.pth.tar",
+                                   copies=lambda e, n: [str(swav / "checkpoints" / f"ckp-{e}.pth")] if e == 0 else [])
+    _trainer(swav, epochs=2, policy=pol()).fit()
+    (swav / "checkpoint.pth.tar").unlink()
+    (swav / "checkpoint.pth.tar").write_bytes(b"\x00" * 100)
+    t = _trainer(swav, epochs=2, policy=pol())
+    t.resume()
+    assert t.resumed_from == str(swav / "checkpoints" / "ckp-0.pth") and t.start_epoch == 1
+    # nothing readable at all: one line, nothing overwritten
+    for f in os.listdir(swav / "checkpoints"):
+        (swav / "checkpoints" / f).write_bytes(b"junk")
+    with pytest.raises(Exception, match=r"auto-resume: no readable checkpoint in .* move them away"):
+        _trainer(swav, epochs=2, policy=pol()).resume()
+
+
+# ----------------------------------------------------------------------------- SLURM requeue
+def test_requeue_after_a_stop_under_slurm(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "scontrol"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    res = _trainer(tmp_path / "run", fire_at=5, stop_check_every=1, requeue=True).fit()
+    assert res["interrupted"] == 1.0
+    assert (tmp_path / "calls").read_text().split() == ["requeue", "4242"]
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint_interrupted.pth.tar"))["iter"] == 1
+    # not requeued without the flag
+    _trainer(tmp_path / "run2", fire_at=5, stop_check_every=1).fit()
+    assert (tmp_path / "calls").read_text().split() == ["requeue", "4242"]

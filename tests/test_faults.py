@@ -185,3 +185,58 @@ def test_requeue_after_a_stop_under_slurm(tmp_path, monkeypatch):
     # not requeued without the flag
     _trainer(tmp_path / "run2", fire_at=5, stop_check_every=1).fit()
     assert (tmp_path / "calls").read_text().split() == ["requeue", "4242"]
+
+
+# ----------------------------------------------------------------------------- data faults
+def _faulty_folder(root) -> dict:
+    """A train/val folder with every kind of bad file next to good ones; returns what is where."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"good{i}.jpg")
+    (root / "train" / "empty_class").mkdir()                 # a class folder without images
+    t = root / "train" / "a"
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(t / "trunc.jpg")
+    data = (t / "trunc.jpg").read_bytes()
+    (t / "trunc.jpg").write_bytes(data[: len(data) // 2])   # truncated JPEG
+    (t / "zero.jpg").write_bytes(b"")                       # zero bytes
+    (t / "notes.jpg").write_text("this is not an image")   # not an image
+    b = root / "train" / "b"
+    Image.fromarray(np.full((32, 32), 90, np.uint8), mode="L").save(b / "gray.png")
+    Image.new("CMYK", (32, 32), (0, 255, 0, 0)).save(b / "cmyk.jpg")
+    Image.fromarray(np.full((32, 32), 0x8000, np.uint16)).save(b / "deep16.png")   # 16-bit PNG
+    return {"unreadable": ["trunc.jpg", "zero.jpg", "notes.jpg"]}
+
+
+def test_bad_images_are_skipped_or_converted_counted_and_reported(tmp_path, caplog):
+    import numpy as np
+    from src.data.datasets import ImageDataset
+    _faulty_folder(tmp_path)
+    with caplog.at_level("WARNING"):
+        ds = ImageDataset(str(tmp_path / "train"))
+    assert "hold no images (empty_class)" in caplog.text
+    names = [os.path.basename(p) for p, _ in ds.samples]
+    got = {n: ds[i][0] for i, n in enumerate(names)}
+    assert ds.num_skipped == 3
+    assert np.asarray(got["deep16.png"]).max() == 128 and got["deep16.png"].mode == "RGB"   # 0x8000 → 128, not white
+    assert np.asarray(got["gray.png"]).tolist()[0][0] == [90, 90, 90]
+    assert got["cmyk.jpg"].mode == "RGB" and np.asarray(got["cmyk.jpg"])[..., 0].mean() > 200   # C=0,M=255 → red/magenta
+    for bad in ("trunc.jpg", "zero.jpg", "notes.jpg"):   # replaced by the next readable image
+        assert got[bad].size == (32, 32)
+
+
+def test_training_runs_through_bad_images_and_reports_them(tmp_path):
+    import json
+    import main_moco
+    _faulty_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    main_moco.main(["-a", "resnet18", "--batch-size", "4", "--moco-k", "16", "--image_size", "32", "-j", "0",
+                    "--epochs", "1", "--output_dir", str(out), "--lr", "0.01", str(tmp_path / "data")])
+    rows = [json.loads(x) for x in open(out / "log.jsonl")]
+    ep = [r for r in rows if "epoch_time_s" in r]
+    assert len(ep) == 1 and ep[0]["skipped_images"] == 3

@@ -7,7 +7,6 @@ locally, never downloaded at run time, no md5 check (a missing file is one clear
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 
@@ -55,7 +54,7 @@ class CifarDataset(ImageDataset):
             pass
         self.targets = labels
         self.samples = [(f"{name}[{i}]", t) for i, t in enumerate(labels)]
-        self._skipped = multiprocessing.Value("i", 0)
+        self._init_skip_flags()
 
     def _load(self, index: int):
         return Image.fromarray(self.data[index]), self.targets[index]

@@ -32,8 +32,15 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 def _pil_loader(path: str) -> Image.Image:
+    """Any PIL-readable image as 8-bit RGB: grayscale, palette, CMYK and alpha images are converted
+    (PIL's own conversions); 16/32-bit integer images (16-bit PNGs) are scaled to 8 bits first, which
+    PIL's ``convert`` would clip to white. A truncated or non-image file raises (the caller skips it)."""
     with open(path, "rb") as f:
         img = Image.open(f)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            a = np.asarray(img).astype(np.int64)
+            bits = 16 if img.mode.startswith("I;16") or a.max(initial=0) < 65536 else 32
+            img = Image.fromarray((np.clip(a, 0, 2 ** bits - 1) >> (bits - 8)).astype(np.uint8), mode="L")
         return img.convert("RGB")
 
 
@@ -124,19 +131,29 @@ class ImageDataset(Dataset):
                 classes = classes[:num_classes]
             self.classes = classes
             self.samples = _scan(root, classes)
+            empty = sorted(set(classes) - {classes[t] for _, t in self.samples})
+            if empty and self.samples:
+                log.warning("%d class folder(s) under %s hold no images (%s): they keep their label index but "
+                            "contribute no samples", len(empty), root, ", ".join(empty[:5]))
         if not self.samples:
             raise UserError(f"no images found under {root} (extensions: {', '.join(IMG_EXTENSIONS[:6])} ...)")
         if pick_first is not None:
             self.samples = first_fraction_per_class(self.samples, pick_first)
         self.targets = [t for _, t in self.samples]
-        self._skipped = multiprocessing.Value("i", 0)
+        self._init_skip_flags()
+
+    def _init_skip_flags(self) -> None:
+        # one byte per sample, shared with the loader workers: unreadable files are counted once,
+        # logged once and not decoded again
+        self._bad = multiprocessing.Array("b", len(self.samples), lock=False)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
     def num_skipped(self) -> int:
-        return int(self._skipped.value)
+        """Distinct unreadable files met so far (by any loader worker)."""
+        return int(np.frombuffer(self._bad, dtype=np.int8).sum())
 
     MAX_SUBSTITUTIONS = 50
 
@@ -145,13 +162,15 @@ class ImageDataset(Dataset):
         own label), logged and counted. ``index`` itself is what the dataset returns, so that
         per-index state (SogCLR's u, PCL's clusters, gathered eval features) stays positional."""
         for attempt in range(min(len(self.samples), self.MAX_SUBSTITUTIONS)):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
+            j = (index + attempt) % len(self.samples)
+            if self._bad[j]:
+                continue
+            path, target = self.samples[j]
             try:
                 return _pil_loader(path), target
             except Exception as e:  # noqa: BLE001 - any decoding failure means "skip this file"
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                self._bad[j] = 1
+                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, str(e)[:120])
         raise UserError(f"{self.MAX_SUBSTITUTIONS} unreadable images in a row from {self.samples[index][0]} on")
 
     def __getitem__(self, item):

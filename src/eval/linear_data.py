@@ -35,6 +35,7 @@ def restrict_classes(ds: ImageDataset, classes: Sequence[str]) -> ImageDataset:
         raise UserError(f"{ds.root} has no images of the training classes")
     ds.classes = list(classes)
     ds.targets = [t for _, t in ds.samples]
+    ds._init_skip_flags()   # one flag per (new) sample
     return ds
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 import tempfile
 from typing import Any, Mapping
@@ -57,7 +58,25 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"cannot load checkpoint {path}: {_why_unloadable(path, e)}") from e
+
+
+def _why_unloadable(path: str, e: Exception) -> str:
+    """The reason ``torch.load`` failed, in words: a refused pickle, a truncated file, not a checkpoint."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" ({m.group(1)})" if m else ""
+        return (f"it holds pickled Python objects{what} that would run code when loaded: refused. If you trust "
+                "the file, load it yourself and re-save its state_dict")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        if "central directory" in text or "zip archive" in text:
+            return "the file is truncated or corrupt (an incomplete checkpoint archive: was its write interrupted?)"
+    elif not head or head[:1] != b"\x80":
+        return "not a PyTorch checkpoint (neither a torch.save archive nor a pickle)"
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def save_atomic(obj: Any, path: str) -> None:

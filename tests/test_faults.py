@@ -3,6 +3,7 @@ that fails (file-size limit) or is killed half-way, unreadable newest checkpoint
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -240,3 +241,67 @@ def test_training_runs_through_bad_images_and_reports_them(tmp_path):
     rows = [json.loads(x) for x in open(out / "log.jsonl")]
     ep = [r for r in rows if "epoch_time_s" in r]
     assert len(ep) == 1 and ep[0]["skipped_images"] == 3
+
+
+# ----------------------------------------------------------------------------- checkpoint faults
+class _Evil:
+    """Unpickling it would run a shell command that leaves a marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _bad_checkpoints(d, marker: str) -> dict[str, str]:
+    """name → path of each kind of bad checkpoint, and a good resnet18 one of another arch's shape."""
+    import torchvision
+    os.makedirs(d, exist_ok=True)
+    paths = {k: os.path.join(d, f"{k}.pth.tar") for k in ("other_arch", "truncated", "not_a_checkpoint", "evil")}
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in
+                               torchvision.models.resnet50().state_dict().items()}, "arch": "resnet50",
+                "epoch": 1, "optimizer": {}}, paths["other_arch"])
+    data = open(paths["other_arch"], "rb").read()
+    with open(paths["truncated"], "wb") as f:
+        f.write(data[: len(data) // 3])
+    with open(paths["not_a_checkpoint"], "w") as f:
+        f.write("epoch,loss\n1,0.5\n")
+    torch.save({"state_dict": {}, "payload": _Evil(marker)}, paths["evil"])
+    return paths
+
+
+ENTRY_POINTS = {   # script → argv with {ck}, {data}, {out} to fill; all use resnet18
+    "eval_linear": "-a resnet18 --pretrained {ck} --dump_path {out} --epochs 1 --image_size 32 -j 0 {data}",
+    "eval_knn": "-a resnet18 --pretrained {ck} --dump_path {out} --image_size 32 -j 0 {data}",
+    "scripts/export_backbone": "-a resnet18 --pretrained {ck} --output {out}/bb.pth",
+    "main_moco": "-a resnet18 --resume {ck} --batch-size 4 --moco-k 16 --image_size 32 -j 0 --epochs 1 "
+                 "--output_dir {out} {data}",
+    "main_swav": "--arch resnet18 --resume {ck} --data_path {data}/train --batch_size 4 --size_crops 32 "
+                 "--nmb_prototypes 8 --hidden_mlp 16 --feat_dim 8 --epochs 1 --workers 0 --dump_path {out}",
+    "main_swav_distill": "--arch resnet18 --pretrained {ck} --data_path {data}/train --batch_size 4 --size_crops 32 "
+                         "--nmb_prototypes 8 --hidden_mlp 16 --feat_dim 128 --epochs 1 --workers 0 --dump_path {out}",
+}
+
+
+WHY = {"other_arch": r"does not fit (arch 'resnet18'|--teacher_arch)|was written by \w+ / resnet50, not",
+       "truncated": "truncated or corrupt", "not_a_checkpoint": "not a PyTorch checkpoint",
+       "evil": "would run code when loaded: refused"}
+
+
+@pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
+def test_bad_checkpoints_are_refused_in_one_line_and_nothing_runs(script, tmp_path, tiny_folder, capsys):
+    import importlib
+    import shlex
+    marker = str(tmp_path / "PWNED")
+    paths = _bad_checkpoints(tmp_path / "ck", marker)
+    mod = importlib.import_module(script.replace("/", "."))
+    for kind, ck in paths.items():
+        argv = shlex.split(ENTRY_POINTS[script].format(ck=ck, data=tiny_folder, out=tmp_path / f"out_{kind}"))
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2, (kind, err)
+        assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0], (kind, err)
+        assert re.search(WHY[kind], err[0]), (kind, err)
+        assert not os.path.exists(marker), kind

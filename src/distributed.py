@@ -14,6 +14,7 @@ method code runs in one process and in many.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import os
 import socket
@@ -103,6 +104,17 @@ def _init_group(info: DistInfo, url: str, backend: str | None) -> None:
     kwargs = {}
     if info.device.type == "cuda" and backend == "nccl":
         kwargs["device_id"] = info.device
+    env = os.environ
+    if url == "env://" and "TORCHELASTIC_RESTART_COUNT" in env and "MASTER_ADDR" in env:
+        # an elastic restart re-forms the group on the store of the previous attempt, whose stale gloo
+        # addresses a new rank can read before they are rewritten ("connectFullMesh ... Connection
+        # refused"): keys under a per-attempt prefix
+        agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), info.world_size,
+                              is_master=info.rank == 0 and not agent, timeout=datetime.timedelta(minutes=30))
+        store = dist.PrefixStore(f"ssl_attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
+        dist.init_process_group(backend=backend, store=store, world_size=info.world_size, rank=info.rank, **kwargs)
+        return
     dist.init_process_group(backend=backend, init_method=url, world_size=info.world_size,
                             rank=info.rank, **kwargs)
 

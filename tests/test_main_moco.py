@@ -115,15 +115,30 @@ def test_disco_r18_baseline_single_process_then_eval(tmp_path, tiny_folder, repo
 
 
 @pytest.mark.slow
-def test_disco_r18_baseline_torchrun_two_processes(tmp_path, tiny_folder, repo_root):
+def test_disco_r18_baseline_torchrun_two_processes_elastic_restart(tmp_path, tiny_folder, repo_root):
+    """torchrun with --max-restarts 1 (c10d rendezvous: torch's static one, used with --master_port, cannot
+    re-form a gloo group after a restart): one worker SIGKILLed after the first checkpoint; torchrun restarts
+    the group, which resumes from that checkpoint and finishes with the numbers of an uninterrupted run."""
+    from tests.dist_utils import worker_pids
     out = tmp_path / "ddp"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-          "main_moco.py", *_command(R18_BASELINE, tiny_folder, 2), *SMALL, "--output_dir", str(out)], repo_root)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "elastic",
+            "main_moco.py", *_command(R18_BASELINE, tiny_folder, 2), *SMALL, "--output_dir", str(out)]
+    p = subprocess.Popen(argv, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0, killed = time.time(), None
+    while p.poll() is None and time.time() - t0 < 240 and killed is None:
+        if (out / "checkpoint_0000.pth.tar").exists():
+            killed = worker_pids(p.pid, "main_moco.py")[1]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    log = p.communicate(timeout=300)[0]
+    assert killed and p.returncode == 0, log[-3000:]
     ck = load_checkpoint(str(out / "checkpoint_0001.pth.tar"))
     # per-process batch 4 × 2 processes; 32 images → 4 iterations per epoch, 8 keys per step
-    assert int(ck["state_dict"]["module.queue_ptr"]) == (2 * 4 * 8) % 64
-    log = (out / "logs" / "train.log").read_text()
-    assert "processes 2" in log and "batch 4 per process, 8 global" in log
+    assert ck["epoch"] == 2 and int(ck["state_dict"]["module.queue_ptr"]) == (2 * 4 * 8) % 64
+    train_log = (out / "logs" / "train.log").read_text()
+    assert "processes 2" in train_log and "batch 4 per process, 8 global" in train_log
+    assert "resumed from" in train_log and "checkpoint_0000.pth.tar at epoch 1" in train_log
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 DINO's ``eval_knn.py`` flags).
 
     python eval_knn.py -a resnet50 --pretrained ckpt/checkpoint_0199.pth.tar --nb_knn 10 20 100 200 /data/imagenet
+    python eval_knn.py -a resnet50 --pretrained moco_v2_r50_e800 /data/imagenet   # a zoo name (or a URL)
     torchrun --nproc_per_node 8 eval_knn.py --data_path /data/imagenet --arch resnet50 --pretrained ...
 
 Bank: L2-normalised features of ``<data>/train``; queries: ``<data>/val``; both with the evaluation
@@ -18,7 +19,7 @@ import logging
 import os
 
 from src import distributed as D
-from src import sanity
+from src import sanity, zoo
 from src.checkpoint import load_backbone
 from src.cli import HelpFormatter, resolve_data_arg, train_dir
 from src.data.datasets import ImageDataset
@@ -40,7 +41,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "--data_path", dest="data_opt", default=None, help="same as DIR (DIR/train, DIR/val)")
     p.add_argument("-a", "--arch", default="resnet50", help="backbone architecture")
     p.add_argument("--pretrained", "--pretrained_weights", dest="pretrained", default="",
-                   help="checkpoint (any known layout); empty: random backbone")
+                   help="checkpoint (any known layout): a path, an http(s) URL or a zoo name (python -m src.zoo "
+                        "list; downloaded once into $SSL_CACHE); empty: random backbone")
     p.add_argument("--cifar_stem", action="store_true", help="random backbone only (a checkpoint's stem is detected)")
     p.add_argument("--nb_knn", "--k", "--knn_k", dest="nb_knn", nargs="+", default=[20],
                    help="number(s) of neighbours, e.g. 10 20 100 200")
@@ -84,7 +86,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
              len(bank_set.classes), info.world_size)
     bank, bank_y = extract_features(net, bank_set, args.batch_size, args.workers, info.device, gather=False)
     q, q_y = extract_features(net, query_set, args.batch_size, args.workers, info.device)
-    results = {"arch": args.arch, "pretrained": args.pretrained, "temperature": args.temperature,
+    results = {"arch": args.arch, "pretrained": args.pretrained, "pretrained_source": args.pretrained_source,
+               "temperature": args.temperature,
                "bank_images": len(bank_set), "query_images": len(query_set), "knn": {}}
     for k in args.nb_knn:
         top1, top5 = knn_accuracy(bank, bank_y, q, q_y, len(bank_set.classes), k, args.temperature, sharded=True)
@@ -118,10 +121,11 @@ def main(argv=None) -> None:
     arch_spec(args.arch)
     train_dir(args.data)
     train_dir(args.data, "val")
-    if args.pretrained and not os.path.isfile(args.pretrained):
-        raise UserError(f"--pretrained checkpoint not found: {args.pretrained}")
     if any(k <= 0 for k in args.nb_knn):
         raise UserError("--nb_knn values must be positive")
+    args.pretrained_source = args.pretrained
+    # a URL or zoo name is downloaded here, before any process starts
+    args.pretrained = zoo.resolve_arg(args.pretrained, "--pretrained", args.arch)
     D.launch(main_worker, args)
 
 

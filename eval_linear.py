@@ -9,9 +9,13 @@ LORAC/SwAV ``eval_linear.py``, SogCLR ``lincls.py``, CaCo ``linear.py`` and PCL 
     torchrun --nproc_per_node 4 eval_linear.py --data_path /data/imagenet --arch resnet50 --lr 6.0 \
         --scheduler_type step --dump_path lincls --pretrained exp/checkpoint.pth.tar --batch_size 512 --wd 0.0
 
-``--protocol {moco,disco,pcl,lorac,sogclr,caco}`` picks the paper's recipe (table in
+    # a released checkpoint by zoo name (python -m src.zoo list) or URL, downloaded once into $SSL_CACHE
+    python eval_linear.py --protocol pcl -a resnet50 --pretrained pcl_v2_r50_e200 /data/imagenet
+
+``--protocol {moco,disco,pcl,lorac,swav,sogclr,caco}`` picks the paper's recipe (table in
 ``src/eval/linear_presets.py`` and the README); explicit flags override it; without it the protocol is
-inferred from the seed command's spelling and printed. Results (``checkpoint.pth.tar`` of the head,
+inferred from the seed command's spelling (or, when the spelling names none, from the zoo entry of
+``--pretrained``) and printed. Results (``checkpoint.pth.tar`` of the head,
 ``log.jsonl``, ``results.json``) go to ``--dump_path`` (default ``./linear_eval``), never into the
 pretraining directory. Data: ``<data>/train`` and ``<data>/val`` (``--train_list`` for a 1 %/10 %
 subset, ``--data_name imagenet100`` for the first 100 classes, ``--dataset cifar10|cifar100`` for
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from src import distributed as D
-from src import sanity
+from src import sanity, zoo
 from src.checkpoint import link_or_copy, save_atomic
 from src.cli import HelpFormatter, amp_mode, resolve_data_arg, train_dir
 from src.engine import StopSignal, TrainStep, seed_everything
@@ -57,7 +61,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_list", default=None, help="file list of the training subset (SimCLR 1%%/10%% split, "
                    "or '<relative path> [label]' lines; None: every train image)")
     p.add_argument("-a", "--arch", default="resnet50", help="backbone architecture")
-    p.add_argument("--pretrained", default="", help="pretraining checkpoint (any known layout); empty: random backbone")
+    p.add_argument("--pretrained", default="", help="pretraining checkpoint (any known layout): a path, an http(s) URL "
+                   "or a zoo name (python -m src.zoo list; downloaded once into $SSL_CACHE); empty: random backbone")
     p.add_argument("--model_prefix", default=None, help="LORAC: accepted (None); the key layout is detected automatically")
     p.add_argument("--cifar_stem", action="store_true", help="random backbone only (a checkpoint's stem is detected)")
     p.add_argument("--global_pooling", type=D.str2bool, default=True, help="average-pool the last feature map (true/false)")
@@ -85,7 +90,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int, default=None, help="data loading workers (per node, or per process for lorac)")
     p.add_argument("--val_batch_size", type=int, default=None, help="evaluation batch per process (None: 256)")
     p.add_argument("-p", "--print-freq", "--print_freq", dest="print_freq", type=int, default=10, help="log every N iterations")
-    p.add_argument("--resume", default="", help="head checkpoint (empty: <dump_path>/checkpoint.pth.tar if present)")
+    p.add_argument("--resume", default="",
+                   help="head checkpoint, a path or URL (empty: <dump_path>/checkpoint.pth.tar if present)")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the (resumed) head on val")
     p.add_argument("--seed", type=int, default=None, help="head init and data order seed (None: 0)")
     p.add_argument("--dump_path", "--output_dir", "--output-dir", dest="dump_path", default=None,
@@ -103,21 +109,24 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def resolve_paths(args: argparse.Namespace) -> None:
+    """Data root, checkpoints (a path, URL or zoo name → a local file: downloaded here, before any
+    process starts; ``args.pretrained_source`` keeps what was given) and the output directory."""
     resolve_data_arg(args)
     if not os.path.isdir(args.data):
         raise UserError(f"data directory not found: {args.data}")
+    args.pretrained_source = args.pretrained
+    entry = zoo.zoo_entry(args.pretrained)
+    args.pretrained = zoo.resolve_arg(args.pretrained, "--pretrained", args.arch)
+    args.resume = zoo.resolve_arg(args.resume, "--resume")
     if args.dump_path is None:
         if args.save_dir:
-            parent = os.path.basename(os.path.dirname(os.path.abspath(args.pretrained))) if args.pretrained else "random"
+            parent = entry.name if entry else (os.path.basename(os.path.dirname(os.path.abspath(args.pretrained)))
+                                               if args.pretrained else "random")
             args.dump_path = os.path.join(args.save_dir, f"linear_eval_{parent}")
         elif args.id:
             args.dump_path = os.path.join("linear_eval", args.id)
         else:
             args.dump_path = "linear_eval"
-    if args.pretrained and not os.path.isfile(args.pretrained):
-        raise UserError(f"--pretrained checkpoint not found: {args.pretrained}")
-    if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f"--resume checkpoint not found: {args.resume}")
     L.check_dump_path(args.dump_path, args.pretrained)
 
 
@@ -172,7 +181,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     logger = RunLogger(args.dump_path, active=info.is_main)
     if info.is_main:
         save_args(args, args.dump_path, "linear_args.json")
-    results = {"protocol": r.protocol, "arch": args.arch, "pretrained": args.pretrained, "lr": r.lr,
+    results = {"protocol": r.protocol, "arch": args.arch, "pretrained": args.pretrained,
+               "pretrained_source": args.pretrained_source, "lr": r.lr,
                "global_batch": r.global_batch, "epochs": r.epochs, "resumed_from_epoch": start}
     probe = Probe(args, info, r, backbone, model, optimizer, step, train_set, val_set, logger, results, reference,
                   start, start_it, consumed, best, best_epoch,
@@ -285,9 +295,12 @@ def _write_results(info: D.DistInfo, dump: str, results: dict, name: str) -> Non
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = sanity.parse_args(get_parser, argv)
-    args.protocol_resolved, args.protocol_reason = infer_protocol(args, used_options(argv))
     arch_spec(args.arch)
-    resolve_paths(args)
+    entry = zoo.zoo_entry(args.pretrained)
+    resolve_paths(args)  # a SwAV checkpoint is recognised from the file (infer_protocol)
+    args.protocol_resolved, args.protocol_reason = infer_protocol(args, used_options(argv))
+    if entry and args.protocol_reason.startswith("default"):  # the command names no recipe: the paper's
+        args.protocol_resolved, args.protocol_reason = entry.protocol, f"zoo entry {entry.name} ({entry.method})"
     resolve_recipe(args, args.protocol_resolved)  # flag errors before any process starts
     if args.dataset == "imagenet":
         train_dir(args.data)

@@ -2,6 +2,7 @@
 """VOC07 linear SVM on frozen features (PCL ``eval_svm_voc.py``; disco_pcl_evals.md C1, D3.1).
 
     python eval_svm_voc.py --pretrained experiment_pcl/checkpoint_0199.pth.tar -a resnet50 [--low-shot] /data/VOC2007
+    python eval_svm_voc.py --pretrained pcl_v2_r50_e200 -a resnet50 /data/VOC2007   # the released PCL v2 (zoo name)
 
 Train on ``trainval``, test on ``test``. Full mode: one SVM per class on every trainval image.
 ``--low-shot``: k ∈ {1, 2, 4, 8, 16} images per class, 5 runs each from one seeded stream, mean ± std
@@ -22,6 +23,7 @@ import random
 import numpy as np
 import torch
 
+from src import zoo
 from src.cli import HelpFormatter
 from src.checkpoint import load_backbone
 from src.data.transforms import eval_transform
@@ -39,7 +41,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="VOC07 linear SVM evaluation", formatter_class=HelpFormatter)
     p.add_argument("data", metavar="DIR", help="VOC2007 folder (or its parent, or a folder with VOCdevkit/VOC2007); no val/ folder: the splits come from DIR/ImageSets/Main (trainval, test)")
     p.add_argument("-a", "--arch", default="resnet50", help="backbone of the checkpoint")
-    p.add_argument("--pretrained", default="", help="checkpoint (any layout load_backbone knows); empty: random")
+    p.add_argument("--pretrained", default="", help="checkpoint (any layout load_backbone knows): a path, an http(s) "
+                   "URL or a zoo name (python -m src.zoo list); empty: random")
     p.add_argument("-j", "--workers", default=8, type=int, help="loader workers and SVMs fitted in parallel")
     p.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", default=32, type=int,
                    help="feature-extraction batch per process")
@@ -152,8 +155,8 @@ def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     arch_spec(args.arch)
     parse_costs(args.cost)
-    if args.pretrained and not os.path.isfile(args.pretrained):
-        raise UserError(f"checkpoint not found: {args.pretrained}")
+    args.pretrained_source = args.pretrained
+    args.pretrained = zoo.resolve_arg(args.pretrained, "--pretrained", args.arch)  # a URL / zoo name: downloaded
     os.makedirs(args.output_dir, exist_ok=True)
     setup_logging(args.output_dir, 0, name="svm_voc.log")
     log.info("VOC07 SVM: %s, %s, costs %s, feature dim %d", args.arch, "low-shot" if args.low_shot else "full",

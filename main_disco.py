@@ -23,7 +23,7 @@ import logging
 import os
 
 from src import distributed as D
-from src import sanity
+from src import sanity, zoo
 from src.checkpoint import latest_checkpoint
 from src.cli import HelpFormatter, add_engine_args, add_moco_script_args, engine_config, knn_monitor, per_process, print_setup, train_dir
 from src.data.datasets import ImageDataset
@@ -59,7 +59,8 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("teacher and distillation")
     g.add_argument("--teacher_arch", "--teacher-arch", dest="teacher_arch", default="resnet50", choices=TEACHER_ARCHS,
                    help="teacher backbone")
-    g.add_argument("--teacher", default="", type=str, help="teacher checkpoint (MoCo-style or SwAV raw state dict)")
+    g.add_argument("--teacher", default="", type=str, help="teacher checkpoint (MoCo-style or SwAV raw state dict): "
+                   "a path, an http(s) URL or a zoo name such as moco_v2_r50_e800 (python -m src.zoo list)")
     g.add_argument("--nmb_prototypes", default=0, type=int, help="official SwAV-teacher prototypes: must stay 0")
     g.add_argument("--only-mse", "--only_mse", dest="only_mse", action="store_true",
                    help="distillation loss only (InfoNCE weight 0)")
@@ -87,8 +88,7 @@ def check_args(args: argparse.Namespace) -> None:
     train_dir(args.data)
     if not args.teacher:
         raise UserError("--teacher is required: the checkpoint of the frozen teacher (see docs/disco.md)")
-    if not os.path.isfile(args.teacher):
-        raise UserError(f"--teacher checkpoint not found: {args.teacher}")
+    args.teacher = zoo.resolve_arg(args.teacher, "--teacher")  # a URL / zoo name: downloaded before any process starts
     if args.nmb_prototypes:
         raise UserError("--nmb_prototypes must be 0: DisCo distils the teacher's normalised projection, not "
                         "SwAV prototype scores")

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 import main_swav
 from src import distributed as D
-from src import sanity
+from src import sanity, zoo
 from src.errors import UserError, cli_main
 from src.methods.swav_distill import SwAVDistill
 from src.models.swav_resnet import SWAV_TEACHERS
@@ -32,7 +31,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = main_swav.get_parser("DisCo + SwAV pretraining (SwAV's multi-crop training plus an MSE to a frozen SwAV teacher)")
     g = p.add_argument_group("teacher (DisCo + SwAV)")
     g.add_argument("--pretrained", default=DEFAULT_TEACHER, type=str,
-                   help="teacher checkpoint: a SwAV raw state dict (swav_800ep_pretrain.pth.tar)")
+                   help="teacher checkpoint: a SwAV raw state dict (swav_800ep_pretrain.pth.tar): a path, a URL "
+                        "or a zoo name (swav_r50_e800)")
     g.add_argument("--teacher", default=DEFAULT_TEACHER, type=str, help="unused, as in the official code")
     g.add_argument("--teacher_arch", default="SWAVresnet50",
                    help="SwAV-format teacher (official: hard-coded ResNet-50): " + ", ".join(SWAV_TEACHERS))
@@ -46,8 +46,9 @@ def check_args(args: argparse.Namespace) -> None:
     main_swav.check_args(args)
     if args.teacher_arch not in SWAV_TEACHERS:
         raise UserError(f"--teacher_arch {args.teacher_arch!r}: choose a SwAV-format teacher: {', '.join(SWAV_TEACHERS)}")
-    if not os.path.isfile(args.pretrained):  # official: trains against a random teacher with one log line
-        raise UserError(f"--pretrained teacher checkpoint not found: {args.pretrained}")
+    # official: a missing file trains against a random teacher with one log line; here a path, a URL or a zoo
+    # name (swav_r50_e800), downloaded before any process starts, or one clear line
+    args.pretrained = zoo.resolve(args.pretrained, "--pretrained teacher checkpoint")
 
 
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:

@@ -13,7 +13,8 @@ key wins):
 (no prefix)            a plain torchvision / timm state dict (``scripts/export_backbone.py``)
 =====================  =====================================================================
 
-The state dict is looked up under ``state_dict``, ``model``, ``teacher`` or the top level.
+The state dict is looked up under ``state_dict``, ``model``, ``teacher`` or the top level. Every
+``path`` may be a local file, an ``http(s)://`` URL or a zoo name (``src/zoo.py``).
 """
 from __future__ import annotations
 
@@ -51,9 +52,10 @@ def _safe_globals() -> list:
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)``: never executes pickled code. A few safe types the
-    official checkpoints contain are allow-listed."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
+    official checkpoints contain are allow-listed. ``path`` may also be an ``http(s)://`` URL or a
+    zoo name (downloaded once into the cache, :func:`src.zoo.resolve`); a ``.part`` file is refused."""
+    from .zoo import resolve
+    path = resolve(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)

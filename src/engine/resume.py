@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 
 from .. import distributed as D
 from ..checkpoint import latest_checkpoint, link_or_copy, load_checkpoint, save_atomic
 from ..errors import UserError
+from ..zoo import resolve
 from ..models.backbones import canonical_arch
 from .rng import rng_state, set_rng_state
 
@@ -79,6 +80,7 @@ class ResumePlan:
     world_size: int | None      # of the run that wrote it (None: an older or official checkpoint)
     batch_size: int | None      # per process, likewise
     extra: dict = field(default_factory=dict)
+    source: str | None = None   # the URL / zoo name ``path`` was downloaded from (other nodes fetch it too)
 
 
 def _position(ckpt: Any) -> tuple[int, int]:
@@ -100,8 +102,11 @@ def decide_on_rank0(policy: CheckpointPolicy, resume: str | None, auto_resume: b
     if resume or not auto_resume:
         if not resume:
             return None, None
-        ck = load_checkpoint(resume)
-        return _plan(resume, ck), ck
+        local = resolve(resume, "--resume checkpoint")  # a URL or zoo name: downloaded by rank 0 only
+        ck = load_checkpoint(local)
+        plan = _plan(local, ck)
+        plan.source = resume if local != resume else None
+        return plan, ck
     cands = policy.candidates()
     n_primary = sum(1 for p in (policy.latest(), os.path.join(policy.directory, policy.interrupted_name))
                     if p and os.path.isfile(p))
@@ -145,6 +150,8 @@ def decide(policy: CheckpointPolicy, resume: str | None, auto_resume: bool) -> t
     msg = ""
     try:  # rank 0 already holds its copy, but joins the collective check below like every rank
         if D.get_rank() != 0:
+            if not os.path.isfile(plan.path) and plan.source:  # a node without the cache rank 0 used
+                plan = replace(plan, path=os.path.abspath(resolve(plan.source, "--resume checkpoint")))
             if not os.path.isfile(plan.path):
                 raise UserError(f"cannot see {plan.path}, the checkpoint rank 0 resumes from: the output "
                                 "directory must be shared by all nodes (or give every node a copy and --resume)")

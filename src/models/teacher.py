@@ -18,7 +18,8 @@ DCresnet50, SELAresnet50           state dicts (``swav_800ep_pretrain.pth``,   `
 The same layouts saved without DDP (no ``module.``) are accepted too. Every other key is an error, as
 is a missing or mis-shaped one: the official code loads with ``strict=False`` and silently keeps a
 random teacher on a wrong file. The teacher's queue is never copied into the student (the official
-code overwrites the student's queue with it; D1.6).
+code overwrites the student's queue with it; D1.6). ``path`` may also be a URL or a zoo name
+(``src/zoo.py``: ``moco_v2_r50_e800``, ``swav_r50_e800``, ``swav_r50w2_e400``), read from the cache.
 
 Teacher heads (A2): a ResNet teacher's ``fc`` is read from the checkpoint (MoCo v2 MLP
 ``fc.0``/``fc.2`` = Linear(2048, h) → ReLU → Linear(h, 128), or a linear ``fc``); SwAV-format teachers
@@ -38,6 +39,7 @@ import torch.nn as nn
 
 from ..checkpoint import extract_state_dict, load_checkpoint, load_into_encoder
 from ..errors import UserError
+from ..zoo import resolve
 from .backbones import build_encoder, feat_dim
 from .swav_resnet import SWAV_TEACHERS, swav_projection_head
 
@@ -137,6 +139,7 @@ def load_teacher(path: str, arch: str, dim: int = 128) -> tuple[nn.Module, Teach
     _check_arch(arch)
     if not path:
         raise UserError("--teacher is required: the checkpoint of the frozen teacher")
+    path = resolve(path, "teacher checkpoint")  # a URL or zoo name: the cached file (hash and path recorded)
     sd = {k: v for k, v in extract_state_dict(load_checkpoint(path)).items()}
     prefix, drop = _layout(sd, arch)
     sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -7,7 +7,7 @@ recipe of MoPro ``finetune_imagenet.py``, which PCL's authors point to: lr 0.005
     # SimCLR's 1 % split file (google-research/simclr imagenet_subsets, = DisCo data/1percent.txt)
     python eval_semi.py -a resnet50 --pretrained PCL_v2_epoch200.pth.tar --train_list 1percent.txt \
         --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 /data/imagenet
-    # MoPro's seeded random 1 % (the same images as finetune_imagenet.py --seed 0 --low-resource 0.01)
+    # MoPro's seeded random 1 % (the images of a one-process finetune_imagenet.py --seed 0 --low-resource 0.01)
     torchrun --nproc_per_node 8 eval_semi.py -a resnet50 --pretrained ckpt.pth.tar --fraction 0.01 --seed 0 /data/imagenet
 
 Without ``--train_list`` / ``--fraction`` every image of ``<data>/train`` is used (a subset folder
@@ -106,6 +106,8 @@ def check_args(args: argparse.Namespace) -> None:
     train_dir(args.data)
     if args.train_list and args.fraction is not None:
         raise UserError("--train_list and --fraction both choose the labelled subset: give one of them")
+    if args.train_list and not os.path.isfile(args.train_list):
+        raise UserError(f"--train_list file not found: {args.train_list}")
     if args.class_balanced and args.fraction is None:
         raise UserError("--class_balanced needs --fraction")
     if args.fraction is not None and not 0 < args.fraction <= 1:
@@ -153,6 +155,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     step = TrainStep(optimizer, dev, amp_mode(args))
     run = Run(args, info, r, net, model, optimizer, step, train_set, val_set, reference, S.subset_digest(train_set))
     run.resume()
+    run.logger = RunLogger(args.dump_path, active=info.is_main)
     if info.is_main:
         save_args(args, args.dump_path, "semi_args.json")
         S.write_subset_list(train_set, os.path.join(args.dump_path, "train_subset.txt"))
@@ -190,9 +193,7 @@ class Run:
     best_epoch: int = -1
     best_acc5: float = -1.0
     results: dict | None = None
-
-    def __post_init__(self):
-        self.logger = RunLogger(self.args.dump_path, active=self.info.is_main)
+    logger: RunLogger | None = None
 
     @property
     def ck_file(self) -> str:
@@ -225,6 +226,11 @@ class Run:
         D.barrier()
 
     def validate(self) -> dict:
+        """Every process with rank 0's BN statistics (those it saves; DDP's ``broadcast_buffers`` would
+        send them at the next forward): after a training step each process holds its own."""
+        if self.info.distributed:
+            for buf in self.net.buffers():
+                D.broadcast_(buf, 0)
         return L.validate(NO_FROZEN_PART, self.model, self.val_set, self.r.val_batch_size, self.r.workers,
                           self.info.device)
 

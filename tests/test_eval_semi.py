@@ -53,6 +53,14 @@ def pretrained(tmp_path_factory) -> tuple[str, dict]:
     from src.methods.moco import MoCo
     torch.manual_seed(0)
     m = MoCo("resnet18", K=64, mlp=True)
+    bns = [x for x in m.encoder_q.modules() if isinstance(x, torch.nn.BatchNorm2d)]
+    for bn in bns:  # BN statistics of real activations, as a trained network has (cumulative average)
+        bn.reset_running_stats()
+        bn.momentum = None
+    with torch.no_grad():
+        m.encoder_q.train()(torch.randn(32, 3, 32, 32))
+    for bn in bns:
+        bn.momentum = 0.1
     d = str(tmp_path_factory.mktemp("pretrain"))
     path = os.path.join(d, "checkpoint_0001.pth.tar")
     torch.save({"epoch": 1, "arch": "resnet18", "optimizer": {},
@@ -82,18 +90,21 @@ def checkpoint(out: str) -> dict:
 
 
 @torch.no_grad()
-def recompute_top1_top5(state_dict: dict, classes: list[str], data: str) -> tuple[float, float]:
-    """Top-1 / top-5 (%) of the saved network loaded into a plain torchvision ResNet-18, one image at a time."""
+def recompute_val(state_dict: dict, classes: list[str], data: str) -> tuple[float, float, float]:
+    """Top-1 / top-5 (%) and mean cross-entropy of the saved network loaded into a plain torchvision
+    ResNet-18, one image at a time."""
     net = tvm.resnet18(num_classes=len(classes))
     net.load_state_dict(state_dict)  # strict: the checkpoint is a plain torchvision classifier
     net.eval()
     val = restrict_classes(ImageDataset(os.path.join(data, "val"), eval_transform(32)), classes)
-    c1 = c5 = 0
+    c1 = c5 = loss = 0.0
     for i in range(len(val)):
         x, y, _ = val[i]
-        top = net(x.unsqueeze(0))[0].topk(min(5, len(classes))).indices.tolist()
+        logits = net(x.unsqueeze(0))[0]
+        top = logits.topk(min(5, len(classes))).indices.tolist()
         c1, c5 = c1 + (top[0] == y), c5 + (y in top)
-    return 100.0 * c1 / len(val), 100.0 * c5 / len(val)
+        loss += float(torch.logsumexp(logits.double(), 0) - logits[y].double())
+    return 100.0 * c1 / len(val), 100.0 * c5 / len(val), loss / len(val)
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -147,8 +158,9 @@ def test_simclr_split_file_fine_tunes_the_whole_network(simclr_folder, pretraine
     den = sum(float(enc[k].double().pow(2).sum()) for k in enc if k.split(".")[-1] in ("weight", "bias"))
     assert res["backbone_rel_change"] == pytest.approx((num / den) ** 0.5, rel=1e-5) and res["backbone_rel_change"] > 0
 
-    top1, top5 = recompute_top1_top5(sd, WNIDS[:3], simclr_folder)
+    top1, top5, loss = recompute_val(sd, WNIDS[:3], simclr_folder)
     assert res["last_acc1"] == pytest.approx(top1, abs=1e-6) and res["last_acc5"] == pytest.approx(top5, abs=1e-6)
+    assert res["last_val_loss"] == pytest.approx(loss, rel=1e-4)
     assert top5 == 100.0  # 3 classes: top-5 covers them all
     log = [json.loads(x) for x in lines(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in log] == [0, 1] and res["best_acc1"] == max(r["val_acc1"] for r in log)
@@ -229,7 +241,7 @@ def test_refuses_the_pretraining_directory(simclr_folder, pretrained, capsys):
 @pytest.mark.slow
 def test_torchrun_two_processes(simclr_folder, pretrained, tmp_path):
     """torchrun, 2 gloo processes, -b 4 per node = 2 per process, DDP over the whole network: the saved
-    network's recomputed top-1/top-5 are the reported (sharded, summed) ones."""
+    network's recomputed top-1/top-5/loss are the reported (sharded, summed) ones."""
     out = str(tmp_path / "two")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -243,5 +255,7 @@ def test_torchrun_two_processes(simclr_folder, pretrained, tmp_path):
     assert res["train_images"] == 16 and res["val_images"] == 16 and res["global_batch"] == 4
     ck = checkpoint(out)
     assert ck["world_size"] == 2
-    top1, top5 = recompute_top1_top5(ck["state_dict"], WNIDS, simclr_folder)
+    top1, top5, loss = recompute_val(ck["state_dict"], WNIDS, simclr_folder)
     assert res["last_acc1"] == pytest.approx(top1, abs=1e-6) and res["last_acc5"] == pytest.approx(top5, abs=1e-6)
+    # both processes validated with rank 0's BN statistics, those of the saved network
+    assert res["last_val_loss"] == pytest.approx(loss, rel=1e-4)

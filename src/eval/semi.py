@@ -11,7 +11,7 @@ top-5 on ``<data>/val`` (Resize + CenterCrop). The subset is
   lines, class = the prefix before ``_``, every line used) or ``<relative path> [label]`` lines;
   read by :func:`src.data.datasets.read_file_list`, as ``eval_linear.py --train_list``;
 - a seeded random fraction (``--fraction f --fraction_seed s``): MoPro's ``random.shuffle(samples)``
-  then the first ``int(f·N)`` (:func:`random_fraction`; the same images as MoPro with ``--seed s``),
+  then the first ``int(f·N)`` (:func:`random_fraction`; MoPro's images for ``--seed s`` in one process),
   or with ``--class_balanced`` ``max(1, int(f·n_c))`` random images of every class c;
 - otherwise every image of ``<data>/train`` (e.g. a folder built by ``scripts/make_imagenet_fraction.py``).
 
@@ -53,8 +53,9 @@ def random_fraction(samples: list[tuple[str, int]], fraction: float, seed: int,
     """A seeded random subset of ``samples`` (in their sorted order), returned sorted.
 
     Default (MoPro): ``random.Random(seed).shuffle(samples)`` and the first ``int(fraction·N)``;
-    torchvision's ImageFolder lists the same files in the same order, so this is exactly MoPro's
-    subset for ``--seed seed --low-resource fraction``. ``class_balanced``: ``max(1, int(fraction·n_c))``
+    torchvision's ImageFolder lists the same files in the same order, so this is MoPro's subset for
+    ``--seed seed --low-resource fraction`` in a one-process run (its spawned DDP workers do not
+    inherit the seed and each draw their own). ``class_balanced``: ``max(1, int(fraction·n_c))``
     images drawn without replacement from every class c (one ``Random(seed)`` stream, classes in
     label order), so every class is represented."""
     if not 0 < fraction <= 1:

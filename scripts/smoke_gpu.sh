@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Smoke test of the device paths: AMP (fp16 + GradScaler, bf16), channels_last, NCCL (torchrun over
-# all visible GPUs), SyncBN, sharded kNN and linear evaluation, on a generated image folder.
+# all visible GPUs), SyncBN, sharded kNN, linear evaluation and fine-tuning, on a generated image folder.
 # On a GPU machine it exercises CUDA; on a CPU-only machine the same commands run in fp32 with gloo
 # (2 processes), which is how it is checked here.
 #
@@ -42,8 +42,12 @@ run $TR main_disco.py -a efficientb0 --teacher_arch resnet18 --teacher "$OUT/moc
 run $TR eval_knn.py -a resnet18 --pretrained "$OUT/moco_ddp/checkpoint_0001.pth.tar" --image_size 64 -j 2 --nb_knn 10 20 "$OUT/data"
 run $TR eval_linear.py -a resnet18 --pretrained "$OUT/moco_ddp/checkpoint_0001.pth.tar" --image_size 64 -j 2 \
     --epochs 2 -b $B --lr 1.0 --cos --use_fp16 --dump_path "$OUT/linear" "$OUT/data"
+# semi-supervised fine-tuning of the whole network (DDP, fp16, SyncBN on GPU) on a class-balanced half
+run $TR eval_semi.py -a resnet18 --pretrained "$OUT/moco_ddp/checkpoint_0001.pth.tar" --image_size 64 -j 2 \
+    --fraction 0.5 --class_balanced --epochs 2 -b $B --lr 0.01 --use_fp16 --sync_bn pytorch --dump_path "$OUT/semi" "$OUT/data"
 for f in moco_fp16/checkpoint_0000.pth.tar moco_bf16/checkpoint_0000.pth.tar moco_ddp/checkpoint_0001.pth.tar \
-         lorac/checkpoint.pth.tar caco/checkpoint_best.pth.tar disco/checkpoint_0000.pth.tar linear/results.json; do
+         lorac/checkpoint.pth.tar caco/checkpoint_best.pth.tar disco/checkpoint_0000.pth.tar linear/results.json \
+         semi/results.json; do
   [ -f "$OUT/$f" ] || { echo "smoke: missing $OUT/$f"; exit 1; }
 done
 ls "$OUT"/sogclr/checkpoint_0001.pth.tar >/dev/null

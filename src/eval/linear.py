@@ -32,6 +32,10 @@ from .linear_presets import Recipe
 
 log = logging.getLogger("ssl")
 HEAD_KIND = "linear_head"
+FINETUNE_KIND = "finetune"
+#: run checkpoints of the evaluation scripts: kind → (name in messages, script writing it, its default --dump_path)
+RUN_KINDS = {HEAD_KIND: ("linear-head", "eval_linear.py", "linear_eval"),
+             FINETUNE_KIND: ("fine-tuning", "eval_semi.py", "semi_eval")}
 
 
 # ----------------------------------------------------------------------------- models
@@ -216,47 +220,51 @@ def sanity_check(backbone: nn.Module, reference: Mapping[str, torch.Tensor]) -> 
 
 
 # ----------------------------------------------------------------------------- output / resume
-def is_head_checkpoint(ckpt) -> bool:
-    return isinstance(ckpt, dict) and ckpt.get("kind") == HEAD_KIND and "state_dict" in ckpt
+def is_head_checkpoint(ckpt, kind: str = HEAD_KIND) -> bool:
+    """A run checkpoint of ``kind`` (a linear head of eval_linear.py, a fine-tuned network of eval_semi.py)."""
+    return isinstance(ckpt, dict) and ckpt.get("kind") == kind and "state_dict" in ckpt
 
 
-def check_dump_path(dump_path: str, pretrained: str) -> None:
+def check_dump_path(dump_path: str, pretrained: str, kind: str = HEAD_KIND) -> None:
     """Refuse to write into a pretraining directory: the directory of ``--pretrained``, one holding
-    ``checkpoint_NNNN.pth.tar`` files, or one whose ``checkpoint.pth.tar`` is not a linear head
-    (LORAC's pretraining name; the official eval script would "resume" from it, spec §6)."""
+    ``checkpoint_NNNN.pth.tar`` files, or one whose ``checkpoint.pth.tar`` is not a run checkpoint of
+    ``kind`` (LORAC's pretraining name; the official eval script would "resume" from it, spec §6)."""
+    name, _, default_dir = RUN_KINDS[kind]
     dump = os.path.realpath(dump_path)
     if pretrained and dump == os.path.realpath(os.path.dirname(os.path.abspath(pretrained))):
-        raise UserError(f"--dump_path {dump_path} is the directory of --pretrained: give the linear "
-                        "evaluation its own directory (e.g. --dump_path ./linear_eval)")
+        raise UserError(f"--dump_path {dump_path} is the directory of --pretrained: give the evaluation "
+                        f"its own directory (e.g. --dump_path ./{default_dir})")
     if not os.path.isdir(dump):
         return
     rx = re.compile(r"checkpoint_\d+\.pth(\.tar)?")
     pre = sorted(f for f in os.listdir(dump) if rx.fullmatch(f))
     if pre:
         raise UserError(f"--dump_path {dump_path} holds pretraining checkpoints ({pre[0]} ...): "
-                        "give the linear evaluation its own directory")
+                        "give the evaluation its own directory")
     ck = os.path.join(dump, "checkpoint.pth.tar")
-    if os.path.isfile(ck) and not is_head_checkpoint(load_checkpoint(ck)):
-        raise UserError(f"{ck} is not a linear-head checkpoint (a pretraining checkpoint?): "
-                        "give the linear evaluation its own --dump_path")
+    if os.path.isfile(ck) and not is_head_checkpoint(load_checkpoint(ck), kind):
+        raise UserError(f"{ck} is not a {name} checkpoint (a pretraining checkpoint?): "
+                        "give the evaluation its own --dump_path")
 
 
 def head_state(head: nn.Module, optimizer, epoch: int, best_acc1: float, best_epoch: int, args: dict,
-               meta: dict, next_iter: int = 0, scaler=None) -> dict:
+               meta: dict, next_iter: int = 0, scaler=None, kind: str = HEAD_KIND) -> dict:
     """``epoch``: the next epoch to run, or with ``next_iter`` > 0 the interrupted one (then
-    ``iter``, ``world_size`` and ``batch_size`` say where to continue)."""
+    ``iter``, ``world_size`` and ``batch_size`` say where to continue). ``head`` is the trained
+    module: the linear head, or the whole network for ``kind`` = fine-tuning."""
     net = head.module if hasattr(head, "module") else head
-    return {"kind": HEAD_KIND, "epoch": epoch, "iter": next_iter, "state_dict": net.state_dict(),
+    return {"kind": kind, "epoch": epoch, "iter": next_iter, "state_dict": net.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
             "world_size": D.get_world_size(), "best_acc1": best_acc1, "best_epoch": best_epoch,
             "args": args, **meta}
 
 
-def load_head(path: str, head: nn.Module, optimizer=None, scaler=None) -> dict:
-    """Restore a head checkpoint written by :func:`head_state`; returns it."""
+def load_head(path: str, head: nn.Module, optimizer=None, scaler=None, kind: str = HEAD_KIND) -> dict:
+    """Restore a run checkpoint written by :func:`head_state`; returns it."""
+    name, script, _ = RUN_KINDS[kind]
     ckpt = load_checkpoint(path)
-    if not is_head_checkpoint(ckpt):
-        raise UserError(f"{path} is not a linear-head checkpoint written by eval_linear.py")
+    if not is_head_checkpoint(ckpt, kind):
+        raise UserError(f"{path} is not a {name} checkpoint written by {script}")
     net = head.module if hasattr(head, "module") else head
     try:
         net.load_state_dict(ckpt["state_dict"], strict=True)
@@ -265,5 +273,5 @@ def load_head(path: str, head: nn.Module, optimizer=None, scaler=None) -> dict:
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"cannot resume the linear head from {path}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"cannot resume the {name} run from {path}: {str(e).splitlines()[0]}") from e
     return ckpt

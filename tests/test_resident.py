@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from src.checkpoint import load_checkpoint
 from src.data.cifar import CifarDataset
 from src.data.datasets import (
     EpochSampler,
@@ -88,30 +87,29 @@ def _moco_trainer(ds, out, fire_at=None) -> Trainer:
         return orig(crops, index)
     m.forward = forward
     m.seen = seen
-    cfg = EngineConfig(1, 8, str(out), CheckpointPolicy(str(out)), "moco", "resnet18", workers=0, max_iters=3,
+    cfg = EngineConfig(1, 8, str(out), CheckpointPolicy(str(out)), "moco", "resnet18", workers=0, max_iters=2,
                        stop_check_every=1, print_freq=1, data_on_device=True)
     return Trainer(m, torch.optim.SGD(m.trainable_parameters(), 0.03, momentum=0.9), lambda e, i, n: 0.03, ds, cfg,
                    DistInfo())
 
 
 def test_moco_trains_through_the_resident_path_and_resumes_exactly(cifar, tmp_path):
-    """MoCo (ResNet-18) for 3 iterations through the resident path: the method sees the sampler's
+    """MoCo (ResNet-18) for 2 iterations through the resident path: the method sees the sampler's
     indices with device-augmented 32-px views and learns (the two views of an image are far closer
-    than the random queue: loss below chance, log(1 + K)); a run stopped by SIGUSR1 after its 2nd
+    than the random queue: loss below chance, log(1 + K)); a run stopped by SIGUSR1 after its 1st
     step and resumed ends with the uninterrupted run's weights and queue."""
     ref = _moco_trainer(cifar, tmp_path / "ref")
     assert ref.loader.__class__.__name__ == "ResidentLoader"
     res = ref.fit()
     s = EpochSampler(40, 1, 0, seed=0)
     order = s.indices()
-    assert [x[0] for x in ref.method.seen] == [order[0:8], order[8:16], order[16:24]]
+    assert [x[0] for x in ref.method.seen] == [order[0:8], order[8:16]]
     assert all(x[1] == [32, 32] and abs(x[2]) < 1.5 for x in ref.method.seen) and 0.01 < res["loss"] < math.log(33) - 1
     run = tmp_path / "run"
-    assert _moco_trainer(cifar, run, fire_at=2).fit() == {"interrupted": 1.0, "next_iter": 2.0}
+    assert _moco_trainer(cifar, run, fire_at=1).fit() == {"interrupted": 1.0, "next_iter": 1.0}
     resumed = _moco_trainer(cifar, run)
     resumed.fit()
     assert resumed.resumed_from.endswith("checkpoint_interrupted.pth.tar")
-    assert [x[0] for x in resumed.method.seen] == [order[16:24]]
-    a = load_checkpoint(str(tmp_path / "ref" / "checkpoint_0000.pth.tar"))["state_dict"]
-    b = load_checkpoint(str(run / "checkpoint_0000.pth.tar"))["state_dict"]
+    assert [x[0] for x in resumed.method.seen] == [order[8:16]]
+    a, b = ref.method.state_dict(), resumed.method.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

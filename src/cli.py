@@ -89,6 +89,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp
     g.add_argument("--cifar_stem", action="store_true", help="3x3 stride-1 ResNet stem without max-pool")
     g.add_argument("--max_iters", type=int, default=None, help="iterations per epoch cap (smoke tests; None: no cap)")
     g.add_argument("--data_seed", type=int, default=0, help="seed of the data order and augmentations")
+    g.add_argument("--data_on_device", action="store_true",
+                   help="small in-memory datasets (CIFAR, STL-10): keep the uint8 images on the device and run the "
+                        "augmentations there, batched (no loader workers; same augmentation distributions)")
     g.add_argument("--stop_check_every", type=positive_int, default=10,
                    help="iterations between two polls for a stop signal (SIGTERM/SIGUSR1; a host-side all-reduce)")
     g.add_argument("--requeue", action="store_true",
@@ -109,7 +112,8 @@ def engine_config(args: argparse.Namespace, *, batch_size: int, output_dir: str,
                         resume=args.resume or None, auto_resume=args.auto_resume, seed=args.data_seed,
                         knn_freq=args.knn_freq, max_iters=args.max_iters, stop_check_every=args.stop_check_every,
                         skip_nonfinite=args.skip_nonfinite, requeue=args.requeue,
-                        start_epoch=getattr(args, "start_epoch", 0))
+                        start_epoch=getattr(args, "start_epoch", 0),
+                        data_on_device=getattr(args, "data_on_device", False))
 
 
 def amp_mode(args: argparse.Namespace) -> str | None:

@@ -15,7 +15,10 @@ evaluation reads follows it):
 - Attributes: ``classes`` (names), ``targets``; optional ``num_skipped`` (unreadable images
   replaced by the next readable one, counted, never fatal).
 - :func:`~src.data.datasets.collate_crops` batches items into (list of B×C×H×W views, targets, index).
-- Device-side batch transforms (:mod:`src.data.device_transforms`) receive the same seeds.
+- Device-side batch transforms (:mod:`src.data.device_transforms`) receive the same seeds; the
+  device twins of the augmentation presets are built by :mod:`src.data.gpu_pipeline` from the ops
+  of :mod:`src.data.gpu_aug`, and :mod:`src.data.resident` serves in-memory datasets (``.data``
+  uint8 N×H×W×3) from the device without a DataLoader (``EngineConfig.data_on_device``).
 
 Readers: :class:`~src.data.datasets.ImageDataset` (ImageFolder, file lists, first-N classes),
 :class:`~src.data.cifar.CifarDataset` (CIFAR-10/100 python batches), :mod:`src.data.builtin`

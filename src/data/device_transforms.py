@@ -7,7 +7,7 @@ per image, whatever the batch it lands in, the number of processes or a resume.
 
 Per-image random numbers come from :func:`uniform`, a counter-based generator (SplitMix64 of
 ``seed``, view and draw number), which gives the same values on CPU and CUDA without per-image
-generator objects. The fast GPU augmentation pipeline builds on these pieces.
+generator objects. The device augmentation pipeline (:mod:`src.data.gpu_pipeline`) builds on them.
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
 
 def uniform(seeds: torch.Tensor, draws: int, stream: int = 0) -> torch.Tensor:
     """``B × draws`` floats in [0, 1): draw ``j`` of image ``b`` is a pure function of
-    (seeds[b], stream, j). Use a distinct ``stream`` per view / per operation."""
+    (seeds[b], stream, j). Use a distinct ``stream`` per view / per operation. The top 24 bits make
+    the value, exact in float32, so it never rounds up to 1.0."""
     j = torch.arange(draws, device=seeds.device, dtype=torch.int64)
     x = splitmix64(seeds.long().view(-1, 1) * 1_000_003 + stream * 7_919 + j.view(1, -1))
-    return _shr(x, 11).double().mul_(2.0 ** -53).float()
+    return _shr(x, 40).float().mul_(2.0 ** -24)
 
 
 class DeviceFlip:

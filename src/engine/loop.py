@@ -2,7 +2,8 @@
 
 ``fit()``: resume (decided by rank 0) → ``on_fresh_start`` (runs that did not resume) → per epoch:
 ``on_epoch_start`` → iterations → kNN monitor → logs → checkpoint. Per iteration: batch to the
-device → optional device-side batch transform → :class:`TrainStep` (lr, autocast, scaled backward,
+device (``data_on_device``: gathered from the resident dataset and augmented there instead,
+:mod:`src.data.resident`) → optional device-side batch transform → :class:`TrainStep` (lr, autocast, scaled backward,
 ``before_optimizer_step``, step) → ``after_step(StepInfo)``. Stop signals are polled every
 ``stop_check_every`` steps, at every epoch end, inside the monitor and inside ``on_epoch_start``
 (a hook raising :class:`StopRequested`); a stop writes a checkpoint that resumes exactly.
@@ -24,6 +25,7 @@ from .. import distributed as D
 from ..checkpoint import save_atomic
 from ..data.datasets import EpochSampler, augmentation_seed, collate_crops
 from ..data.device_transforms import BatchTransform
+from ..data.resident import resident_loader
 from ..errors import UserError
 from ..logger import RunLogger
 from ..methods.base import ContrastiveMethod
@@ -64,6 +66,7 @@ class EngineConfig:
     skip_nonfinite: int = 0        # non-finite-loss steps skipped before the run stops (0: stop at the first)
     requeue: bool = False          # after a stop by signal under SLURM: `scontrol requeue $SLURM_JOB_ID`
     save_frozen: bool = False      # keep frozen modules (a DisCo teacher) in the checkpoints
+    data_on_device: bool = False   # in-memory dataset resident on the device, augmented there (data/resident.py)
 
 
 class Trainer:
@@ -80,10 +83,13 @@ class Trainer:
         if cfg.channels_last:
             method.to(memory_format=torch.channels_last)
         self.sampler = EpochSampler(len(train_set), info.world_size, info.rank, shuffle=True, seed=cfg.seed)
-        self.loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=self.sampler,
-                                 num_workers=cfg.workers, pin_memory=cuda, drop_last=True,
-                                 persistent_workers=cfg.workers > 0, collate_fn=collate_crops,
-                                 generator=torch.Generator().manual_seed(cfg.seed))  # never draws from the global RNG
+        if cfg.data_on_device:  # no workers: the uint8 dataset lives on the device, augmented there per batch
+            self.loader = resident_loader(train_set, self.sampler, cfg.batch_size, self.device)
+        else:
+            self.loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=self.sampler,
+                                     num_workers=cfg.workers, pin_memory=cuda, drop_last=True,
+                                     persistent_workers=cfg.workers > 0, collate_fn=collate_crops,
+                                     generator=torch.Generator().manual_seed(cfg.seed))  # never draws from the global RNG
         if len(self.loader) == 0:
             raise UserError(f"the training set has {len(train_set)} images: fewer than one batch of "
                             f"{cfg.batch_size} per process x {info.world_size} processes; lower the batch size")

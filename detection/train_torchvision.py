@@ -36,7 +36,7 @@ from src.detection.train import Run, build_optimizer, evaluate, last_checkpoint,
 from src.engine import StopSignal, TrainStep, seed_everything
 from src.errors import UserError, cli_main
 from src.logger import RunLogger, save_args, setup_logging
-from src.models.backbones import convert_sync_batchnorm
+from src.models.backbones import build_backbone, convert_sync_batchnorm
 
 log = logging.getLogger("ssl")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,7 +87,9 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     global_batch = C.get(cfg, "SOLVER.IMS_PER_BATCH")
     if global_batch % info.world_size:
         raise UserError(f"SOLVER.IMS_PER_BATCH {global_batch} is not divisible by the {info.world_size} processes")
-    net = build_detector(cfg, pretrained_resnet(args.pretrained or C.get(cfg, "MODEL.WEIGHTS"), arch), arch)
+    # --eval-only: the weights come from the detector checkpoint below
+    resnet = build_backbone(arch) if args.eval_only else pretrained_resnet(args.pretrained or C.get(cfg, "MODEL.WEIGHTS"), arch)
+    net = build_detector(cfg, resnet, arch)
     if info.distributed and info.device.type == "cuda" and C.get(cfg, "MODEL.RESNETS.NORM") in ("SyncBN", "naiveSyncBN"):
         net = convert_sync_batchnorm(net)  # on CPU (gloo) BN stays per process; PreciseBN averages it
     net.to(info.device)
@@ -114,7 +116,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     model = net
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[info.device] if info.device.type == "cuda" else None, broadcast_buffers=False)
+            net, device_ids=[info.device] if info.device.type == "cuda" else None, forward_sync_buffers=False)
     train_recs = training_records([load_dataset(n, args.data_root) for n in C.get(cfg, "DATASETS.TRAIN")])
     per_process = global_batch // info.world_size
     log.info("%s C4 Faster R-CNN | %d processes (device %s) | %d images per step (%d per process) | lr %g, x%g at %s, "

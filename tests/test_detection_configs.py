@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import glob
+import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -100,3 +103,12 @@ def test_check_config_refuses_bgr_and_warns():
                                          ["MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]", "SOLVER.MAX_ITER", "100"]))
     assert any("PIXEL_STD" in w for w in warn) and any("MASK_ON" in w for w in warn)
     assert any("SOLVER.STEPS" in w for w in warn)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None, reason="Detectron2 is installed")
+def test_train_net_without_detectron2_is_one_line():
+    r = subprocess.run([sys.executable, "train_net.py", "--config-file", "configs/pascal_voc_R_50_C4_24k_moco.yaml",
+                        "--num-gpus", "8", "--resume"], cwd=os.path.join(ROOT, "detection"), capture_output=True, check=False,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "pip install 'git+https://github.com/facebookresearch/detectron2.git'" in r.stderr

@@ -248,7 +248,7 @@ def train(run: Run, stop: StopSignal) -> dict | None:
     cfg, dev = run.cfg, run.info.device
     max_iter, period = get(cfg, "SOLVER.MAX_ITER"), get(cfg, "SOLVER.CHECKPOINT_PERIOD")
     eval_period = get(cfg, "TEST.EVAL_PERIOD")
-    batches = run.loader(run.meta["seed"], run.start_iter)
+    batches = run.loader(run.meta["seed"], run.start_iter) if run.start_iter < max_iter else None
     bar = tqdm(total=max_iter, initial=run.start_iter, desc="detection", disable=not run.info.is_main,
                dynamic_ncols=True, mininterval=1.0)
     run.model.train()

@@ -16,7 +16,7 @@ import torch
 
 from src.detection import config as C
 from src.detection import train as T
-from src.detection.data import IterationSampler
+from src.detection.data import DetectionDataset, IterationSampler, load_dataset
 from src.detection.model import build_detector, pretrained_resnet
 from src.detection.synthetic import make_voc_detection
 from src.models.backbones import build_encoder
@@ -233,3 +233,26 @@ def test_iteration_sampler_resumes_and_shards_the_same_stream():
     r0, r1 = take(IterationSampler(10, 2, 2, 0, seed=5), 14), take(IterationSampler(10, 2, 2, 1, seed=5), 14)
     for k in range(7):  # two processes x 2 read exactly the global batch of one process x 4
         assert r0[2 * k:2 * k + 2] + r1[2 * k:2 * k + 2] == full[4 * k:4 * k + 4]
+    assert take(IterationSampler(10, 2, 2, 1, seed=5, start_iter=3), 8) == r1[6:]  # resumed on 2 processes
+
+
+def test_voc_records_are_zero_based_and_flips_mirror_the_boxes(tmp_path):
+    voc = make_voc_detection(str(tmp_path), 3, 1, size=64)
+    info = load_dataset("voc_2007_trainval", voc)
+    r = info.records[0]  # image 0: a dog, and a small difficult cat
+    assert [info.classes[c - 1] for c in r.labels] == ["dog", "cat"] and r.difficult.tolist() == [False, True]
+    with open(os.path.join(voc, "VOC2007", "Annotations", "000000.xml")) as f:
+        xml = f.read()
+    xmin, ymin, xmax, ymax = (float(xml.split(f"<{t}>")[1].split("<")[0]) for t in ("xmin", "ymin", "xmax", "ymax"))
+    assert r.boxes[0].tolist() == [xmin - 1, ymin - 1, xmax, ymax]  # Detectron2: 1-based xmin/ymin - 1
+    ds = DetectionDataset(info.records, train=True, seed=0)
+    flips = []
+    for epoch in range(8):
+        img, target, _ = ds[(0, epoch)]
+        flipped = not torch.equal(target["boxes"], torch.from_numpy(r.boxes))
+        flips.append(flipped)
+        if flipped:
+            assert torch.allclose(target["boxes"][:, [2, 0]], 64 - torch.from_numpy(r.boxes)[:, [0, 2]])
+            assert torch.equal(img, DetectionDataset(info.records)[0][0].flip(-1))
+    assert any(flips) and not all(flips) and [ds[(0, e)][1]["boxes"].sum() for e in range(8)] == \
+        [ds[(0, e)][1]["boxes"].sum() for e in range(8)]  # seeded per (image, epoch)

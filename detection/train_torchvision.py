@@ -96,11 +96,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     amp = "bf16" if args.bf16 else ("fp16" if args.use_fp16 or C.get(cfg, "SOLVER.AMP.ENABLED") else None)
     step = TrainStep(build_optimizer(net, cfg), info.device, amp)
     tests = [load_dataset(n, args.data_root) for n in C.get(cfg, "DATASETS.TEST")]
-    resume = args.resume_from or ((args.resume or args.auto_resume or args.eval_only) and last_checkpoint(out))
-    if args.eval_only and not resume:
-        resume = C.get(cfg, "MODEL.WEIGHTS") if C.get(cfg, "MODEL.WEIGHTS").endswith(".pth") else None
-        if not resume:
-            raise UserError(f"--eval-only: no checkpoint in {out} (give --resume-from or MODEL.WEIGHTS model_final.pth)")
+    resume = D.broadcast_object(resume_path(args, cfg) if info.is_main else None)  # rank 0 decides
     start = 0
     if resume:
         ck = load_detector_checkpoint(resume, net, arch, None if args.eval_only else step.optimizer,
@@ -136,6 +132,18 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
             args.result = train(run, stop)
         finally:
             logger.close()
+
+
+def resume_path(args: argparse.Namespace, cfg: dict) -> str | None:
+    """``--resume-from``, else OUTPUT_DIR's ``last_checkpoint`` (with ``--resume``, ``--auto_resume`` or
+    ``--eval-only``), else for ``--eval-only`` a detector checkpoint given as ``MODEL.WEIGHTS``."""
+    out = cfg["OUTPUT_DIR"]
+    path = args.resume_from or ((args.resume or args.auto_resume or args.eval_only) and last_checkpoint(out)) or None
+    if args.eval_only and not path:
+        path = C.get(cfg, "MODEL.WEIGHTS") if C.get(cfg, "MODEL.WEIGHTS").endswith(".pth") else None
+        if not path:
+            raise UserError(f"--eval-only: no checkpoint in {out} (give --resume-from or MODEL.WEIGHTS model_final.pth)")
+    return path
 
 
 def launch_args(args: argparse.Namespace) -> None:

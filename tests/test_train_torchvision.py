@@ -256,3 +256,6 @@ def test_voc_records_are_zero_based_and_flips_mirror_the_boxes(tmp_path):
             assert torch.equal(img, DetectionDataset(info.records)[0][0].flip(-1))
     assert any(flips) and not all(flips) and [ds[(0, e)][1]["boxes"].sum() for e in range(8)] == \
         [ds[(0, e)][1]["boxes"].sum() for e in range(8)]  # seeded per (image, epoch)
+    with open(info.records[1].path, "wb") as f:  # a corrupt file: skipped, not fatal
+        f.write(b"not a jpeg")
+    assert ds[(1, 0)][2] == 2 and DetectionDataset(info.records)[1][1] == {"unreadable": True}

@@ -139,18 +139,22 @@ def training_records(infos: list[DatasetInfo]) -> list[Record]:
     return kept
 
 
-def _load_rgb(path: str) -> torch.Tensor:
+def _load_rgb(path: str) -> torch.Tensor | None:
+    """The image as a float CxHxW tensor in [0, 1], or None (logged) when the file cannot be read."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f).convert("RGB")
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from e
+        log.warning("unreadable image skipped: %s (%s)", path, e)
+        return None
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 class DetectionDataset(Dataset):
     """``(image CxHxW in [0, 1] RGB, {"boxes", "labels"}, index)``. Training items are asked for as
-    ``(index, epoch)`` and flipped with probability 0.5 from ``augmentation_seed(seed, epoch, index)``."""
+    ``(index, epoch)`` and flipped with probability 0.5 from ``augmentation_seed(seed, epoch, index)``.
+    An unreadable file is skipped with a warning: in training the next readable image takes its place;
+    in evaluation the item is flagged ``unreadable`` and gets no detection (its boxes count as missed)."""
 
     def __init__(self, records: list[Record], train: bool = False, seed: int = 0, flip: bool = True):
         self.records, self.train, self.seed, self.flip = records, train, seed, flip
@@ -160,8 +164,19 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
+        n = len(self.records)
+        img = _load_rgb(self.records[index].path)
+        if img is None:
+            if not self.train:
+                return torch.zeros(3, 32, 32), {"unreadable": True}, index
+            for k in range(1, n):
+                img = _load_rgb(self.records[(index + k) % n].path)
+                if img is not None:
+                    index = (index + k) % n
+                    break
+            else:
+                raise UserError("no training image can be read")
         r = self.records[index]
-        img = _load_rgb(r.path)
         boxes = torch.from_numpy(r.boxes.copy())
         if self.train and self.flip and np.random.default_rng(augmentation_seed(self.seed, epoch, index)).random() < 0.5:
             img = img.flip(-1)

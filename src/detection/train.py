@@ -164,11 +164,13 @@ def predict(net: nn.Module, info: DatasetInfo, device: torch.device, batch_size:
     was = net.training
     net.eval()
     preds = {}
-    for images, _, idx in loader:
+    for images, targets, idx in loader:
         with autocast():
             outs = net([im.to(device, non_blocking=True) for im in images])
-        for i, o in zip(idx, outs):
-            preds[int(i)] = {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in o.items()}
+        for i, o, t in zip(idx, outs, targets):
+            if not t.get("unreadable"):
+                preds[int(i)] = {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+                                 for k, v in o.items()}
     net.train(was)
     if D.is_dist():
         parts = [None] * D.get_world_size()
@@ -184,15 +186,22 @@ def evaluate(net: nn.Module, infos: list[DatasetInfo], device: torch.device, bat
     for info in infos:
         t0 = time.time()
         preds = predict(net, info, device, batch_size, workers, autocast)
-        res = None
+        res, err = None, None
         if D.is_main_process():
-            if info.is_voc:
-                res = voc_evaluate(preds, info.records, info.classes, use_07_metric=info.year == 2007)
+            try:
+                if info.is_voc:
+                    res = voc_evaluate(preds, info.records, info.classes, use_07_metric=info.year == 2007)
+                else:
+                    res = coco_evaluate(preds, info.records, info.coco_json, info.category_ids)
+            except ValueError as e:
+                err = f"{info.name}: {e}"
             else:
-                res = coco_evaluate(preds, info.records, info.coco_json, info.category_ids)
-            log.info("%s (%d images, %.0f s): %s", info.name, len(info.records), time.time() - t0,
-                     " ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)))
-        results[info.name] = D.broadcast_object(res)
+                log.info("%s (%d images, %.0f s): %s", info.name, len(info.records), time.time() - t0,
+                         " ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)))
+        res, err = D.broadcast_object((res, err))  # every rank stops on the same error
+        if err:
+            raise UserError(err)
+        results[info.name] = res
     return results
 
 

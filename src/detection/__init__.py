@@ -5,6 +5,7 @@
   without Detectron2, for ``detection/train_torchvision.py``;
 - :mod:`.data`: VOC devkit and COCO json datasets, the iteration sampler;
 - :mod:`.model`: the C4 Faster R-CNN built from torchvision's detection package;
-- :mod:`.train`: solver, schedule, PreciseBN, checkpoints, the training loop and evaluation.
+- :mod:`.train`: solver, schedule, PreciseBN, checkpoints, the training loop and evaluation;
+- :mod:`.synthetic`: a generated VOC devkit folder (tests, smoke runs).
 The AP math lives in :mod:`src.eval.detection`.
 """

@@ -258,4 +258,5 @@ def test_voc_records_are_zero_based_and_flips_mirror_the_boxes(tmp_path):
         [ds[(0, e)][1]["boxes"].sum() for e in range(8)]  # seeded per (image, epoch)
     with open(info.records[1].path, "wb") as f:  # a corrupt file: skipped, not fatal
         f.write(b"not a jpeg")
-    assert ds[(1, 0)][2] == 2 and DetectionDataset(info.records)[1][1] == {"unreadable": True}
+    assert ds[(1, 0)][2] == 2 and ds[(1, 1)][2] == 2 and ds.num_skipped == 1  # flagged once, the next image instead
+    assert DetectionDataset(info.records)[1][1] == {"unreadable": True}

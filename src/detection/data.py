@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -23,10 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..data.datasets import EpochSampler, augmentation_seed
+from ..data.datasets import EpochSampler, _pil_loader, augmentation_seed
 from ..errors import UserError
 from ..eval.svm import CLASSES as VOC_CLASSES
 
@@ -139,43 +139,51 @@ def training_records(infos: list[DatasetInfo]) -> list[Record]:
     return kept
 
 
-def _load_rgb(path: str) -> torch.Tensor | None:
-    """The image as a float CxHxW tensor in [0, 1], or None (logged) when the file cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
-    except (OSError, ValueError) as e:
-        log.warning("unreadable image skipped: %s (%s)", path, e)
-        return None
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-
-
 class DetectionDataset(Dataset):
     """``(image CxHxW in [0, 1] RGB, {"boxes", "labels"}, index)``. Training items are asked for as
     ``(index, epoch)`` and flipped with probability 0.5 from ``augmentation_seed(seed, epoch, index)``.
-    An unreadable file is skipped with a warning: in training the next readable image takes its place;
-    in evaluation the item is flagged ``unreadable`` and gets no detection (its boxes count as missed)."""
+    Unreadable files are skipped as in :class:`~src.data.datasets.ImageDataset` (flagged once in memory
+    shared with the loader workers, logged once, not decoded again): in training the next readable
+    image takes the place of one; in evaluation the item is flagged ``unreadable`` and gets no
+    detection (its boxes count as missed)."""
+
+    MAX_SUBSTITUTIONS = 50
 
     def __init__(self, records: list[Record], train: bool = False, seed: int = 0, flip: bool = True):
         self.records, self.train, self.seed, self.flip = records, train, seed, flip
+        self._bad = multiprocessing.Array("b", len(records), lock=False)
 
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def num_skipped(self) -> int:
+        return int(np.frombuffer(self._bad, dtype=np.int8).sum())
+
+    def _load(self, j: int) -> torch.Tensor | None:
+        if self._bad[j]:
+            return None
+        try:
+            img = _pil_loader(self.records[j].path)
+        except Exception as e:  # noqa: BLE001 - any decoding failure means "skip this file"
+            self._bad[j] = 1
+            log.warning("skipping unreadable image %s (%s: %s)", self.records[j].path, type(e).__name__, str(e)[:120])
+            return None
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
-        n = len(self.records)
-        img = _load_rgb(self.records[index].path)
+        img = self._load(index)
+        if img is None and not self.train:
+            return torch.zeros(3, 32, 32), {"unreadable": True}, index
+        for k in range(1, min(len(self.records), self.MAX_SUBSTITUTIONS)):
+            if img is not None:
+                break
+            img = self._load((index + k) % len(self.records))
+            if img is not None:
+                index = (index + k) % len(self.records)
         if img is None:
-            if not self.train:
-                return torch.zeros(3, 32, 32), {"unreadable": True}, index
-            for k in range(1, n):
-                img = _load_rgb(self.records[(index + k) % n].path)
-                if img is not None:
-                    index = (index + k) % n
-                    break
-            else:
-                raise UserError("no training image can be read")
+            raise UserError(f"{self.MAX_SUBSTITUTIONS} unreadable images in a row from {self.records[index].path} on")
         r = self.records[index]
         boxes = torch.from_numpy(r.boxes.copy())
         if self.train and self.flip and np.random.default_rng(augmentation_seed(self.seed, epoch, index)).random() < 0.5:

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from src import zoo
 from src.checkpoint import extract_state_dict, load_backbone, load_checkpoint
 from src.cli import HelpFormatter
 from src.detection.d2_format import to_detectron2, write_pkl
@@ -59,6 +60,7 @@ def checkpoint_arch(path: str, given: str | None) -> str:
 @cli_main
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
+    args.input = zoo.resolve_arg(args.input, "input", args.arch)   # a path, URL or zoo name (src/zoo.py)
     arch = checkpoint_arch(args.input, args.arch)
     net = load_backbone(args.input, arch)
     require_imagenet_stem(net, args.input)

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from src import distributed as D
-from src import sanity
+from src import sanity, zoo
 from src.cli import HelpFormatter
 from src.detection import config as C
 from src.detection.data import DetectionDataset, load_dataset, training_records
@@ -167,8 +167,7 @@ def main(argv=None) -> dict | None:
     args.cfg = C.build_config(cfg_file, args.opts)
     args.warnings = C.check_config(args.cfg, args.eval_only)
     arch_of(args.cfg)
-    if args.pretrained and not os.path.isfile(args.pretrained):
-        raise UserError(f"--pretrained checkpoint not found: {args.pretrained}")
+    args.pretrained = zoo.resolve_arg(args.pretrained, "--pretrained")   # a path, URL or zoo name (src/zoo.py)
     if args.resume_from and not os.path.isfile(args.resume_from):
         raise UserError(f"--resume-from checkpoint not found: {args.resume_from}")
     launch_args(args)

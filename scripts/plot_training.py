@@ -40,8 +40,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", default=None, help="legend names, one per RUN (None: the directory names)")
     p.add_argument("--output", "-o", default="training_curves.png", help="curves figure, .png or .pdf")
     p.add_argument("--info_plane", default=None,
-                   help="information-plane figure (None: <output>_info_plane.<ext> when a run has I_XT/I_TY rows)")
-    p.add_argument("--title", default=None, help="figure title (None: none)")
+                   help="information-plane figure, drawn when a run has I_XT/I_TY rows (default: <output>_info_plane.<ext>)")
+    p.add_argument("--title", default=None, help="figure title (default: none)")
     return p
 
 

@@ -19,7 +19,8 @@ inferred from the seed command's spelling (or, when the spelling names none, fro
 ``log.jsonl``, ``results.json``) go to ``--dump_path`` (default ``./linear_eval``), never into the
 pretraining directory. Data: ``<data>/train`` and ``<data>/val`` (``--train_list`` for a 1 %/10 %
 subset, ``--data_name imagenet100`` for the first 100 classes, ``--dataset cifar10|cifar100`` for
-torchvision's CIFAR batches under ``<data>``).
+torchvision's CIFAR batches under ``<data>``). ``--mi_every N`` adds DisCo's "BI analysis"
+(src/eval/mutual_info.py) to the log.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from src.errors import UserError, cli_main
 from src.eval import linear as L
 from src.eval.linear_data import cifar_datasets, imagenet_datasets
 from src.eval.linear_presets import PRESETS, Recipe, infer_protocol, resolve_recipe, used_options
+from src.eval.mutual_info import MiTracker
 from src.logger import RunLogger, save_args, setup_logging
 from src.models.backbones import arch_spec
 
@@ -104,6 +106,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_fp16", "--use-fp16", dest="use_fp16", type=D.str2bool, nargs="?", const=True, default=False,
                    help="fp16 autocast + GradScaler on CUDA (fp32 on CPU; true/false)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    g = p.add_argument_group("DisCo BI analysis (binned mutual information of the classifier's outputs, docs/visualization.md)")
+    g.add_argument("--mi_every", type=int, default=0,
+                   help="I(X;T), I(T;Y) every N training iterations, first one included, into log.jsonl (0: off)")
+    g.add_argument("--mi_samples", type=int, default=1000, help="training images of the estimate (fixed, eval transform)")
+    g.add_argument("--mi_bins", type=int, default=30, help="bins per softmax output on [0, 1]")
     D.add_dist_args(p, dist_url_default="tcp://224.66.41.62:23456")
     return p
 
@@ -181,12 +188,18 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     logger = RunLogger(args.dump_path, active=info.is_main)
     if info.is_main:
         save_args(args, args.dump_path, "linear_args.json")
+    mi = None
+    if args.mi_every:
+        mi = MiTracker(train_set, val_set.transform, backbone, model, logger, args.mi_every, args.mi_samples,
+                       L.epoch_iterations(len(train_set), r.per_process_batch, info.world_size, args.max_iters),
+                       r.val_batch_size, r.workers, dev, seed, args.mi_bins)
     results = {"protocol": r.protocol, "arch": args.arch, "pretrained": args.pretrained,
                "pretrained_source": args.pretrained_source, "lr": r.lr,
                "global_batch": r.global_batch, "epochs": r.epochs, "resumed_from_epoch": start}
     probe = Probe(args, info, r, backbone, model, optimizer, step, train_set, val_set, logger, results, reference,
                   start, start_it, consumed, best, best_epoch,
-                  {"arch": args.arch, "protocol": r.protocol, "num_classes": n_cls, "per_process_batch": r.per_process_batch})
+                  {"arch": args.arch, "protocol": r.protocol, "num_classes": n_cls, "per_process_batch": r.per_process_batch},
+                  mi)
     with StopSignal(10) as stop:
         try:
             if args.evaluate:
@@ -218,6 +231,7 @@ class Probe:
     best: float
     best_epoch: int
     meta: dict
+    mi: MiTracker | None = None  # --mi_every
 
     @property
     def ck_file(self) -> str:
@@ -252,7 +266,7 @@ def train(p: Probe, stop: StopSignal, seed: int) -> None:
         sampler.set_epoch(epoch, p.consumed if first else 0)
         lr = L.epoch_lr(r, epoch)
         t = L.train_one_epoch(p.backbone, p.model, loader, p.step, lr, epoch, dev, args.max_iters, args.print_freq,
-                              stop, p.start_it if first else 0)
+                              stop, p.start_it if first else 0, p.mi.after_step if p.mi else None)
         if t.get("interrupted"):
             p.save(epoch, int(t["next_iter"]))
             log.warning("stopped at epoch %d iteration %d (checkpoint %s); run the same command again to resume",
@@ -302,6 +316,8 @@ def main(argv=None) -> None:
     if entry and args.protocol_reason.startswith("default"):  # the command names no recipe: the paper's
         args.protocol_resolved, args.protocol_reason = entry.protocol, f"zoo entry {entry.name} ({entry.method})"
     resolve_recipe(args, args.protocol_resolved)  # flag errors before any process starts
+    if args.mi_every < 0 or (args.mi_every and (args.mi_samples < 1 or args.mi_bins < 1)):
+        raise UserError("--mi_every must be >= 0, --mi_samples and --mi_bins >= 1")
     if args.dataset == "imagenet":
         train_dir(args.data)
     os.makedirs(args.dump_path, exist_ok=True)

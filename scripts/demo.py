@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """``make demo``: MoCo v2 on scikit-learn's digits, then kNN and linear evaluation of the pretrained
-backbone next to a randomly initialised one.
+backbone next to a randomly initialised one, and two figures of the run: the t-SNE of the pretrained
+features of the validation images (``tsne.png``) and its training curves (``training_curves.png``).
 
 Data: the 1,797 8×8 digits that ship inside scikit-learn, upsampled to 32 px RGB and split 70/30
 (stratified, seed 0) into ``data/digits/{train,val}``. Every step is one of the repository's own
@@ -68,12 +69,20 @@ def main() -> None:
         lin = json.load(open(os.path.join(lin_dir, "results.json")))
         rows.append((name, _knn_top1(knn), lin["best_acc1"], lin["last_acc1"], t_knn + t_lin))
 
+    figures = [os.path.join(args.out, "tsne.png"), os.path.join(args.out, "training_curves.png")]
+    t_fig = run([py, "scripts/visualize_embeddings.py", "-a", "resnet18", "--pretrained", ckpt, "--image_size", "32",
+                 "-j", str(args.workers), "--classes", "all", "--out", os.path.join(args.out, "embeddings"),
+                 "--output", figures[0], args.data], quiet=True)
+    t_fig += run([py, "scripts/plot_training.py", pre, "--labels", "MoCo v2, ResNet-18", "--title",
+                  f"MoCo v2 on sklearn digits ({args.epochs} epochs)", "--output", figures[1]], quiet=True)
+
     print("\nMoCo v2, ResNet-18, sklearn digits at 32 px "
           f"({ntr} train / {nva} val), {args.epochs} pretraining epochs in {t_pre / 60:.1f} min")
     print("| backbone | kNN top-1 (k=20) | linear top-1 best | linear top-1 last | eval time |")
     print("|---|---|---|---|---|")
     for name, k, lb, ll, t in rows:
         print(f"| {name} | {k:.1f} | {lb:.1f} | {ll:.1f} | {t:.0f} s |")
+    print(f"\nfigures ({t_fig:.0f} s): {figures[0]} (t-SNE of the val features), {figures[1]} (loss, lr, kNN)")
     print(f"\ntotal time {(time.time() - t_all) / 60:.1f} min; outputs in {args.out}")
 
 

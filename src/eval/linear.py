@@ -12,7 +12,7 @@ import math
 import os
 import re
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -140,11 +140,13 @@ def _summarise(sums: torch.Tensor) -> dict[str, float]:
 
 def train_one_epoch(backbone: nn.Module, head: nn.Module, loader: DataLoader, step: TrainStep, lr: float,
                     epoch: int, device: torch.device, max_iters: int | None = None, print_freq: int = 10,
-                    stop: StopSignal | None = None, start_it: int = 0) -> dict[str, float]:
+                    stop: StopSignal | None = None, start_it: int = 0,
+                    after_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Backbone in eval mode under no_grad; cross-entropy on the head through the engine's
     :class:`TrainStep` (AMP, GradScaler). Returns sample-weighted loss / top-1 / top-5 of the
     iterations run, over all ranks; with ``interrupted`` = 1 and ``next_iter`` when a stop signal
-    arrived (polled collectively every ``stop.every`` iterations)."""
+    arrived (polled collectively every ``stop.every`` iterations). ``after_step(epoch, it)`` runs
+    after every step (the ``--mi_every`` tracker)."""
     backbone.eval()
     head.train()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
@@ -168,6 +170,8 @@ def train_one_epoch(backbone: nn.Module, head: nn.Module, loader: DataLoader, st
         if D.is_main_process() and ((it + 1) % print_freq == 0 or it + 1 == iters):
             log.info("epoch %d [%d/%d] loss %.4f lr %.4g %.1f img/s (this process)", epoch, it + 1, iters,
                      res["loss"].item(), lr, float(sums[3]) / max(time.time() - t0, 1e-9))
+        if after_step is not None:
+            after_step(epoch, it)
         if stop is not None and it + 1 < iters and stop.due(it) and stop.poll():
             out = {"interrupted": 1.0, "next_iter": float(it + 1)}
             break
@@ -195,6 +199,12 @@ def validate(backbone: nn.Module, head: nn.Module, dataset: Dataset, batch_size:
         loss = F.cross_entropy(logits, y, reduction="sum").double()
         sums += torch.stack([loss, c1, c5, torch.tensor(y.shape[0], device=device, dtype=torch.float64)])
     return _summarise(sums)
+
+
+def epoch_iterations(n: int, per_process_batch: int, world_size: int, max_iters: int | None = None) -> int:
+    """Iterations of one epoch of :func:`make_train_loader` (padded shards, last batch kept)."""
+    iters = math.ceil(math.ceil(n / world_size) / per_process_batch)
+    return iters if max_iters is None else min(iters, max_iters)
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device,

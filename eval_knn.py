@@ -20,17 +20,16 @@ import os
 
 from src import distributed as D
 from src import sanity, zoo
-from src.checkpoint import load_backbone
+from src.checkpoint import backbone_or_random
 from src.cli import HelpFormatter, resolve_data_arg, train_dir
 from src.data.datasets import ImageDataset
 from src.data.transforms import IMAGENET_STD, SWAV_STD, eval_transform
 from src.errors import UserError, cli_main
-from src.engine import seed_everything
 from src.eval.features import extract_features
 from src.eval.knn import knn_accuracy
 from src.eval.linear_data import restrict_classes
 from src.logger import setup_logging
-from src.models.backbones import arch_spec, build_backbone
+from src.models.backbones import arch_spec
 
 log = logging.getLogger("ssl")
 
@@ -73,13 +72,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     bank_set = ImageDataset(os.path.join(args.data, "train"), tf, file_list=args.train_list,
                             num_classes=None if args.train_list else n)
     query_set = restrict_classes(ImageDataset(os.path.join(args.data, "val"), tf), bank_set.classes)
-    if args.pretrained:
-        net = load_backbone(args.pretrained, args.arch)
-        log.info("loaded %s from %s (key prefix %r)", args.arch, args.pretrained, net.loaded_prefix)
-    else:
-        seed_everything(args.seed)
-        net = build_backbone(args.arch, cifar_stem=args.cifar_stem)
-        log.warning("no --pretrained given: kNN on a RANDOMLY INITIALISED %s backbone", args.arch)
+    net = backbone_or_random(args.pretrained, args.arch, seed=args.seed, cifar_stem=args.cifar_stem, what="kNN on")
     net = net.to(info.device).eval()
     sanity.report(info, sanity.image_size_warning(bank_set, args.image_size, "--image_size", "kNN bank"))
     log.info("bank %d images, queries %d images, %d classes, %d processes", len(bank_set), len(query_set),

@@ -34,15 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src import distributed as D  # noqa: E402
 from src import sanity  # noqa: E402
-from src.checkpoint import load_backbone  # noqa: E402
+from src.checkpoint import backbone_or_random  # noqa: E402
 from src.cli import HelpFormatter, train_dir  # noqa: E402
 from src.data.datasets import ImageDataset  # noqa: E402
 from src.data.transforms import eval_transform  # noqa: E402
-from src.engine import seed_everything  # noqa: E402
 from src.errors import UserError, cli_main  # noqa: E402
 from src.eval.features import extract_features  # noqa: E402
 from src.logger import setup_logging  # noqa: E402
-from src.models.backbones import arch_spec, build_backbone  # noqa: E402
+from src.models.backbones import arch_spec  # noqa: E402
 from src.plots import check_figure_path, class_colours, pyplot, save_figure  # noqa: E402
 
 log = logging.getLogger("ssl")
@@ -87,13 +86,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     setup_logging(None, info.rank)
     folder = os.path.join(args.data, args.split)
     dataset = ImageDataset(folder, eval_transform(args.image_size))
-    if args.pretrained:
-        net = load_backbone(args.pretrained, args.arch)
-        log.info("loaded %s from %s (key prefix %r)", args.arch, args.pretrained, net.loaded_prefix)
-    else:
-        seed_everything(args.seed)
-        net = build_backbone(args.arch, cifar_stem=args.cifar_stem)
-        log.warning("no --pretrained given: features of a RANDOMLY INITIALISED %s backbone", args.arch)
+    net = backbone_or_random(args.pretrained, args.arch, seed=args.seed, cifar_stem=args.cifar_stem, what="features of")
     net = net.to(info.device).eval()
     sanity.report(info, sanity.image_size_warning(dataset, args.image_size, "--image_size", "t-SNE images"))
     log.info("%s: %d images, %d classes, %d processes", folder, len(dataset), len(dataset.classes), info.world_size)

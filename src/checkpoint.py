@@ -245,3 +245,18 @@ def load_backbone(path: str, arch: str, *, cifar_stem: bool | None = None, map_l
     prefix = load_into_backbone(model, sd, arch, source=path)
     model.loaded_prefix = prefix
     return model
+
+
+def backbone_or_random(pretrained: str, arch: str, *, seed: int, cifar_stem: bool = False, what: str = "features of"):
+    """``load_backbone(pretrained, arch)``, or — without ``pretrained`` — a seeded randomly initialised
+    backbone, said loudly (the evaluation scripts' baseline)."""
+    import logging
+    log = logging.getLogger("ssl")
+    if pretrained:
+        net = load_backbone(pretrained, arch)
+        log.info("loaded %s from %s (key prefix %r)", arch, pretrained, net.loaded_prefix)
+        return net
+    from .engine.rng import seed_everything
+    seed_everything(seed)
+    log.warning("no --pretrained given: %s a RANDOMLY INITIALISED %s backbone", what, arch)
+    return build_backbone(arch, cifar_stem=cifar_stem)

@@ -11,6 +11,19 @@ from typing import Any, Mapping
 log = logging.getLogger("ssl")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A console handler that writes to whatever ``sys.stdout`` is at each record (not the object it was
+    at set-up): a script run in-process after its caller swapped or closed stdout still logs cleanly."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(output_dir: str | None, rank: int = 0, name: str = "train.log") -> None:
     """Console (rank 0 only) plus ``<output_dir>/logs/<name>`` (``<name>-<rank>`` on other ranks)."""
     root = logging.getLogger()
@@ -19,7 +32,7 @@ def setup_logging(output_dir: str | None, rank: int = 0, name: str = "train.log"
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if rank == 0:
-        h = logging.StreamHandler(sys.stdout)
+        h = _StdoutHandler()
         h.setFormatter(fmt)
         root.addHandler(h)
     if output_dir:

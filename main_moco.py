@@ -16,9 +16,9 @@ import os
 
 from src import distributed as D
 from src import sanity
-from src.cli import HelpFormatter, add_engine_args, add_moco_script_args, engine_config, knn_monitor, per_process, print_setup, train_dir
+from src.cli import (HelpFormatter, add_engine_args, add_moco_script_args, engine_config, knn_monitor, moco_two_crops,
+                     per_process, print_setup, train_dir, workers_per_process)
 from src.data.datasets import ImageDataset
-from src.data.transforms import TwoCropsTransform, moco_v1_augmentation, moco_v2_augmentation
 from src.engine import CheckpointPolicy, Trainer, seed_everything
 from src.errors import cli_main
 from src.logger import save_args, setup_logging
@@ -63,10 +63,9 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     setup_logging(out, info.rank)
     seed_everything(args.seed if args.seed is not None else 0)
     batch = per_process(args.batch_size, info)
-    workers = (args.workers + max(info.local_world_size, 1) - 1) // max(info.local_world_size, 1)
+    workers = workers_per_process(args.workers, info)
     check_queue_divisible(args.moco_k, batch * info.world_size)
-    aug = moco_v2_augmentation(args.image_size) if args.aug_plus else moco_v1_augmentation(args.image_size)
-    train_set = ImageDataset(train_dir(args.data), TwoCropsTransform(aug), seed=args.data_seed)
+    train_set = ImageDataset(train_dir(args.data), moco_two_crops(args), seed=args.data_seed)
     groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
     zero_init = zero_init_residual(args)
     method = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.hidden,

@@ -23,7 +23,8 @@ import torch
 
 from src import distributed as D
 from src import sanity
-from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, print_setup, train_dir
+from src.cli import (HelpFormatter, add_engine_args, engine_config, knn_monitor, print_setup, train_dir,
+                     workers_per_process)
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, sogclr_augmentation
 from src.engine import CheckpointPolicy, KnnMonitor, Trainer, seed_everything
@@ -137,7 +138,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     if args.batch_size % info.world_size:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {info.world_size} processes")
     batch = args.batch_size // info.world_size
-    workers = (args.workers + max(info.local_world_size, 1) - 1) // max(info.local_world_size, 1)
+    workers = workers_per_process(args.workers, info)
     train_set, knn = build_datasets(args)
     seed_everything(args.seed if args.seed is not None else INIT_SEED)
     if args.seed is not None:

@@ -19,6 +19,7 @@ The state dict is looked up under ``state_dict``, ``model``, ``teacher`` or the 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import re
@@ -30,6 +31,8 @@ import torch.nn as nn
 
 from .errors import UserError
 from .models.backbones import build_backbone, head_attr
+
+log = logging.getLogger("ssl")
 
 PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.", "module.",
             "backbone.", "module.backbone.", "")
@@ -67,7 +70,7 @@ def _why_unloadable(path: str, e: Exception) -> str:
     """The reason ``torch.load`` failed, in words: a refused pickle, a truncated file, not a checkpoint."""
     text = str(e)
     if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        m = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({m.group(1)})" if m else ""
         return (f"it holds pickled Python objects{what} that would run code when loaded: refused. If you trust "
                 "the file, load it yourself and re-save its state_dict")
@@ -250,8 +253,6 @@ def load_backbone(path: str, arch: str, *, cifar_stem: bool | None = None, map_l
 def backbone_or_random(pretrained: str, arch: str, *, seed: int, cifar_stem: bool = False, what: str = "features of"):
     """``load_backbone(pretrained, arch)``, or — without ``pretrained`` — a seeded randomly initialised
     backbone, said loudly (the evaluation scripts' baseline)."""
-    import logging
-    log = logging.getLogger("ssl")
     if pretrained:
         net = load_backbone(pretrained, arch)
         log.info("loaded %s from %s (key prefix %r)", arch, pretrained, net.loaded_prefix)

@@ -178,6 +178,20 @@ def per_process(total: int, info: D.DistInfo, what: str = "batch size") -> int:
     return total // n
 
 
+def workers_per_process(workers: int, info: D.DistInfo) -> int:
+    """MoCo semantics: ``-j`` is the loader workers of one node, split over its processes (rounded up)."""
+    n = max(info.local_world_size, 1)
+    return (workers + n - 1) // n
+
+
+def moco_two_crops(args: argparse.Namespace):
+    """``TwoCropsTransform`` of MoCo v2's ``--aug-plus`` augmentation, else MoCo v1's (main_moco, main_disco,
+    main_pcl)."""
+    from .data.transforms import TwoCropsTransform, moco_v1_augmentation, moco_v2_augmentation
+    aug = moco_v2_augmentation if args.aug_plus else moco_v1_augmentation
+    return TwoCropsTransform(aug(args.image_size))
+
+
 def print_setup(info: D.DistInfo, per_proc_batch: int, lr_desc: str, schedule: str) -> None:
     log.info("processes %d (device %s) | batch %d per process, %d global | %s | schedule: %s",
              info.world_size, info.device, per_proc_batch, per_proc_batch * info.world_size, lr_desc, schedule)

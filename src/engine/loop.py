@@ -155,8 +155,10 @@ class Trainer:
 
     def save_interrupted(self, epoch: int, next_iter: int) -> str:
         path = os.path.join(self.cfg.checkpoint.directory, self.cfg.checkpoint.interrupted_name)
-        state = self.state(epoch, next_iter) if self.info.is_main else None
-        self._write(lambda: save_atomic(state, path) or path, f"at epoch {epoch} iteration {next_iter}")
+        def write() -> str:
+            save_atomic(self.state(epoch, next_iter), path)
+            return path
+        self._write(write, f"at epoch {epoch} iteration {next_iter}")
         return path
 
     def resume(self) -> None:
@@ -334,7 +336,7 @@ class Trainer:
         bad = ~torch.isfinite(loss.detach().float())
         if first_bad is None:
             first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
-        return torch.where(bad & first_bad.lt(0), torch.full_like(first_bad, it), first_bad)
+        return torch.where(bad & first_bad.lt(0), it, first_bad)
 
     def _check_finite(self, m: dict[str, float], epoch: int, it: int, first_bad: torch.Tensor | None = None) -> None:
         if not math.isfinite(m.get("loss", 0.0)):

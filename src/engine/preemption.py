@@ -61,9 +61,9 @@ def requeue_slurm_job() -> bool:
     requeued job runs the same command and auto-resumes. Rank 0 only. Returns whether it was requeued."""
     import shutil
     import subprocess
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
-    job = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job
-           else os.environ.get("SLURM_JOB_ID"))
+    env = os.environ
+    array = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    job = "_".join(array) if all(array) else env.get("SLURM_JOB_ID")
     if not job:
         log.warning("--requeue: not running under SLURM (no SLURM_JOB_ID): run the same command again to resume")
         return False

@@ -13,12 +13,11 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-
 from .. import distributed as D
 from ..checkpoint import latest_checkpoint, link_or_copy, load_checkpoint, save_atomic
 from ..errors import UserError
-from ..zoo import resolve
 from ..models.backbones import canonical_arch
+from ..zoo import resolve
 from .rng import rng_state, set_rng_state
 
 log = logging.getLogger("ssl")
@@ -45,9 +44,10 @@ class CheckpointPolicy:
             return p if os.path.isfile(p) else None
         return latest_checkpoint(self.directory)
 
-    def candidates(self) -> list[str]:
-        """Every file auto-resume may fall back to, newest first: the primary checkpoint and the
-        interrupted one, then older ``checkpoint_NNNN`` files and the ``checkpoints/`` copies."""
+    def candidates(self) -> tuple[list[str], list[str]]:
+        """Auto-resume's files: (primary, fallback). Primary: the newest / fixed-name checkpoint and the
+        interrupted one; fallback, newest first: older ``checkpoint_NNNN`` files and the ``checkpoints/``
+        copies, read only when a primary one cannot be."""
         primary = [p for p in (self.latest(), os.path.join(self.directory, self.interrupted_name))
                    if p and os.path.isfile(p)]
         rx = re.compile(r"(checkpoint(_\d+)?\.pth\.tar|checkpoint_interrupted\.pth\.tar|ckp-\d+\.pth)")
@@ -56,7 +56,7 @@ class CheckpointPolicy:
             if os.path.isdir(d):
                 older += [os.path.join(d, f) for f in os.listdir(d) if rx.fullmatch(f)]
         older = sorted((p for p in older if p not in primary), key=os.path.getmtime, reverse=True)
-        return primary + older
+        return primary, older
 
     def write(self, state: dict, epoch: int, epochs: int) -> str:
         """Rank 0: the epoch's checkpoint and its copies; removes a superseded interrupted one."""
@@ -107,12 +107,10 @@ def decide_on_rank0(policy: CheckpointPolicy, resume: str | None, auto_resume: b
         plan = _plan(local, ck)
         plan.source = resume if local != resume else None
         return plan, ck
-    cands = policy.candidates()
-    n_primary = sum(1 for p in (policy.latest(), os.path.join(policy.directory, policy.interrupted_name))
-                    if p and os.path.isfile(p))
+    primary, older = policy.candidates()
     loaded, skipped = [], []
-    for i, p in enumerate(cands):
-        if i >= n_primary and loaded:   # older files are only a fallback for unreadable primary ones
+    for i, p in enumerate(primary + older):
+        if i >= len(primary) and loaded:   # older files are only a fallback for unreadable primary ones
             break
         try:
             ck = load_checkpoint(p)

@@ -222,8 +222,10 @@ def test_bad_images_are_skipped_or_converted_counted_and_reported(tmp_path, capl
         ds = ImageDataset(str(tmp_path / "train"))
     assert "hold no images (empty_class)" in caplog.text
     names = [os.path.basename(p) for p, _ in ds.samples]
-    got = {n: ds[i][0] for i, n in enumerate(names)}
+    with caplog.at_level("WARNING"):
+        got = {n: ds[i][0] for i, n in enumerate(names)}
     assert ds.num_skipped == 3
+    assert caplog.text.count("skipping unreadable image") == 3   # once per file, never decoded again
     assert np.asarray(got["deep16.png"]).max() == 128 and got["deep16.png"].mode == "RGB"   # 0x8000 → 128, not white
     assert np.asarray(got["gray.png"]).tolist()[0][0] == [90, 90, 90]
     assert got["cmyk.jpg"].mode == "RGB" and np.asarray(got["cmyk.jpg"])[..., 0].mean() > 200   # C=0,M=255 → red/magenta

@@ -67,7 +67,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     workers = (args.workers + max(info.local_world_size, 1) - 1) // max(info.local_world_size, 1)
     check_queue_divisible(args.pcl_r, batch * info.world_size, "--pcl-r")
     num_cluster = parse_num_cluster(args.num_cluster)
-    aug = moco_v2_augmentation(args.image_size) if args.aug_plus else moco_v1_augmentation(args.image_size)
+    aug = (moco_v2_augmentation if args.aug_plus else moco_v1_augmentation)(args.image_size, **small.aug_kwargs(args))
     train_set = small.pretraining_set(args, args.data, TwoCropsTransform(aug))
     eval_set = small.pretraining_set(args, args.data, small.eval_tf(args))  # same images, same indices (B5)
     check_pcl_setup(args.pcl_r, num_cluster, batch, len(train_set))

@@ -72,13 +72,43 @@ def teachers(tmp_path_factory) -> dict:
     return {"moco": moco, "swav": swav}
 
 
+def _ops(t) -> list:
+    """Every transform inside ``t`` (Compose, RandomApply, two-crop and multi-crop wrappers)."""
+    out = [t]
+    for name in ("transforms", "trans", "t1", "t2"):
+        sub = getattr(t, name, None)
+        for s in (sub if isinstance(sub, (list, tuple)) else [sub] if sub is not None else []):
+            out += _ops(s)
+    return out
+
+
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_two_iterations_at_32px_on_cifar10(script, cifar, teachers, tmp_path):
+def test_two_iterations_at_32px_on_cifar10(script, cifar, teachers, tmp_path, monkeypatch):
+    from torchvision import transforms as T
+
+    from src.data.cifar import CifarDataset
+    from src.data.transforms import GaussianBlur, PILRandomGaussianBlur
+    from src.engine import Trainer
+    seen = []
+    init = Trainer.__init__
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **kw: (seen.append(a[3]), init(self, *a, **kw))[1])
     out = str(tmp_path / "out")
     needs_teacher = script in ("main_disco", "main_swav_distill")
     argv = [*SCRIPTS[script](cifar, teachers if needs_teacher else {}), "--dataset", "cifar10", *TINY,
             "--output_dir", out]
     importlib.import_module(script).main(argv)
+
+    # the training pipeline the engine received: CIFAR train split, 32/14 px crops, CIFAR mean/std, no blur
+    (train_set,) = seen
+    ops = _ops(train_set.transform)
+    assert isinstance(train_set, CifarDataset) and len(train_set) == 20
+    assert {o.size[0] for o in ops if isinstance(o, T.RandomResizedCrop)} == ({32, 14} if script in MULTI else {32})
+    norms = [o for o in ops if isinstance(o, T.Normalize)]
+    assert norms and all(tuple(n.mean) == (0.4914, 0.4822, 0.4465) and tuple(n.std) == (0.2470, 0.2435, 0.2616)
+                         for n in norms)
+    assert not any(isinstance(o, (GaussianBlur, PILRandomGaussianBlur)) for o in ops)
+    if script not in MULTI:
+        assert {o.scale for o in ops if isinstance(o, T.RandomResizedCrop)} == {(0.08, 1.0)}
 
     with open(os.path.join(out, "args.json")) as f:
         args = json.load(f)

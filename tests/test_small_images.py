@@ -247,6 +247,9 @@ def test_knn_protocol_hand_computed():
     a = _parsed("main_caco", ["--data", "x", "--knn_protocol", "lightly", "--knn_neighbor", "50", "--knn_freq", "5"])
     small.apply_knn_protocol(a, set(a.explicit_flags))
     assert (a.knn_k, a.knn_t, a.knn_freq) == (50, 0.1, 5)
+    a = _parsed("main_moco_m", ["--knn_protocol", "lightly"])
+    small.apply_knn_protocol(a, set(a.explicit_flags))
+    assert (a.knn_k, a.knn_t, a.temperature) == (200, 0.1, 0.2)     # the loss temperature is not the kNN's
     a = _parsed("eval_knn", ["x", "--knn_protocol", "lightly"])
     small.apply_knn_protocol(a, set(a.explicit_flags))
     assert (a.nb_knn, a.temperature) == ([200], 0.1)

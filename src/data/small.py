@@ -186,9 +186,12 @@ def apply_knn_protocol(args: argparse.Namespace, given: set[str]) -> None:
     """``--knn_protocol lightly``: k = 200, t = 0.1 (and the monitor every epoch) where not given."""
     if getattr(args, "knn_protocol", "default") != "lightly":
         return
-    for dest, value in (("knn_k", LIGHTLY_KNN["k"]), ("knn_t", LIGHTLY_KNN["t"]), ("knn_freq", 1),
-                        ("nb_knn", [LIGHTLY_KNN["k"]]), ("temperature", LIGHTLY_KNN["t"])):
-        if hasattr(args, dest) and dest not in given:
+    if hasattr(args, "nb_knn"):     # eval_knn.py
+        values = {"nb_knn": [LIGHTLY_KNN["k"]], "temperature": LIGHTLY_KNN["t"]}
+    else:                           # the training monitor (a script's --temperature is its loss's)
+        values = {"knn_k": LIGHTLY_KNN["k"], "knn_t": LIGHTLY_KNN["t"], "knn_freq": 1}
+    for dest, value in values.items():
+        if dest not in given:
             setattr(args, dest, value)
 
 

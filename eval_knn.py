@@ -6,10 +6,15 @@ DINO's ``eval_knn.py`` flags).
     python eval_knn.py -a resnet50 --pretrained moco_v2_r50_e800 /data/imagenet   # a zoo name (or a URL)
     torchrun --nproc_per_node 8 eval_knn.py --data_path /data/imagenet --arch resnet50 --pretrained ...
 
+    # lightly's CIFAR-10 benchmark protocol (k=200, t=0.1) on the CIFAR-10 train / test splits
+    python eval_knn.py -a resnet18 --pretrained ckpt.pth.tar --dataset cifar10 --knn_protocol lightly /data/cifar
+
 Bank: L2-normalised features of ``<data>/train``; queries: ``<data>/val``; both with the evaluation
-transform (Resize(size·256/224) + CenterCrop(size)). Each of the k nearest bank images (cosine
-similarity s) votes for its class with weight exp(s/T). Extraction is sharded over the processes and
-gathered, so every process holds the same features and prints the same numbers.
+transform (Resize(size·256/224) + CenterCrop(size)). ``--dataset cifar10|cifar100|stl10``: bank = the
+train split, queries = the test split, at the images' own size with the small-image preset's
+normalisation (docs/small_images.md). Each of the k nearest bank images (cosine similarity s) votes
+for its class with weight exp(s/T). Extraction is sharded over the processes and gathered, so every
+process holds the same features and prints the same numbers.
 """
 from __future__ import annotations
 
@@ -21,9 +26,10 @@ import os
 from src import distributed as D
 from src import sanity, zoo
 from src.checkpoint import backbone_or_random
-from src.cli import HelpFormatter, resolve_data_arg, train_dir
+from src.cli import HelpFormatter, prepare_data, resolve_data_arg, train_dir
+from src.data import small
 from src.data.datasets import ImageDataset
-from src.data.transforms import IMAGENET_STD, SWAV_STD, eval_transform
+from src.data.transforms import IMAGENET_STD, SWAV_STD
 from src.errors import UserError, cli_main
 from src.eval.features import extract_features
 from src.eval.knn import knn_accuracy
@@ -59,6 +65,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="imagenet100: the first 100 class folders; None: every class")
     p.add_argument("--train_list", default=None, help="file list restricting the bank (e.g. a 1%% split; None: every train image)")
     p.add_argument("--seed", type=int, default=0, help="seed of a random backbone's initialisation")
+    g = p.add_argument_group("small images")
+    small.add_dataset_args(g)
+    small.add_knn_protocol_arg(g)
     p.add_argument("--dump_path", "--output_dir", dest="dump_path", default=None,
                    help="write knn_results.json here (None: print only)")
     D.add_dist_args(p)
@@ -67,20 +76,24 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     setup_logging(None, info.rank)
-    tf = eval_transform(args.image_size, SWAV_STD if args.swav_std else IMAGENET_STD)
-    n = 100 if args.data_name == "imagenet100" else None
-    bank_set = ImageDataset(os.path.join(args.data, "train"), tf, file_list=args.train_list,
-                            num_classes=None if args.train_list else n)
-    query_set = restrict_classes(ImageDataset(os.path.join(args.data, "val"), tf), bank_set.classes)
+    tf = small.eval_tf(args, SWAV_STD if args.swav_std else IMAGENET_STD)
+    if small.is_small_dataset(args):
+        bank_set, query_set = small.knn_splits(args, args.data, tf)
+    else:
+        n = 100 if args.data_name == "imagenet100" else None
+        bank_set = ImageDataset(os.path.join(args.data, "train"), tf, file_list=args.train_list,
+                                num_classes=None if args.train_list else n)
+        query_set = restrict_classes(ImageDataset(os.path.join(args.data, "val"), tf), bank_set.classes)
     net = backbone_or_random(args.pretrained, args.arch, seed=args.seed, cifar_stem=args.cifar_stem, what="kNN on")
     net = net.to(info.device).eval()
-    sanity.report(info, sanity.image_size_warning(bank_set, args.image_size, "--image_size", "kNN bank"))
+    sanity.report(info, small.describe(args),
+                  sanity.image_size_warning(bank_set, args.image_size, "--image_size", "kNN bank"))
     log.info("bank %d images, queries %d images, %d classes, %d processes", len(bank_set), len(query_set),
              len(bank_set.classes), info.world_size)
     bank, bank_y = extract_features(net, bank_set, args.batch_size, args.workers, info.device, gather=False)
     q, q_y = extract_features(net, query_set, args.batch_size, args.workers, info.device)
     results = {"arch": args.arch, "pretrained": args.pretrained, "pretrained_source": args.pretrained_source,
-               "temperature": args.temperature,
+               "temperature": args.temperature, "dataset": small.dataset_name(args), "knn_protocol": args.knn_protocol,
                "bank_images": len(bank_set), "query_images": len(query_set), "knn": {}}
     for k in args.nb_knn:
         top1, top5 = knn_accuracy(bank, bank_y, q, q_y, len(bank_set.classes), k, args.temperature, sharded=True)
@@ -112,8 +125,9 @@ def main(argv=None) -> None:
     _split_trailing_dir(args)
     resolve_data_arg(args)
     arch_spec(args.arch)
-    train_dir(args.data)
-    train_dir(args.data, "val")
+    prepare_data(args, args.data)
+    if not small.is_small_dataset(args):
+        train_dir(args.data, "val")
     if any(k <= 0 for k in args.nb_knn):
         raise UserError("--nb_knn values must be positive")
     args.pretrained_source = args.pretrained

@@ -18,9 +18,9 @@ inferred from the seed command's spelling (or, when the spelling names none, fro
 ``--pretrained``) and printed. Results (``checkpoint.pth.tar`` of the head,
 ``log.jsonl``, ``results.json``) go to ``--dump_path`` (default ``./linear_eval``), never into the
 pretraining directory. Data: ``<data>/train`` and ``<data>/val`` (``--train_list`` for a 1 %/10 %
-subset, ``--data_name imagenet100`` for the first 100 classes, ``--dataset cifar10|cifar100`` for
-torchvision's CIFAR batches under ``<data>``). ``--mi_every N`` adds DisCo's "BI analysis"
-(src/eval/mutual_info.py) to the log.
+subset, ``--data_name imagenet100`` for the first 100 classes, ``--dataset cifar10|cifar100|stl10``
+for torchvision's CIFAR batches or STL-10's binary folder under ``<data>``: train → test split).
+``--mi_every N`` adds DisCo's "BI analysis" (src/eval/mutual_info.py) to the log.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ from src.cli import HelpFormatter, amp_mode, resolve_data_arg, train_dir
 from src.engine import StopSignal, TrainStep, seed_everything
 from src.errors import UserError, cli_main
 from src.eval import linear as L
-from src.eval.linear_data import cifar_datasets, imagenet_datasets
+from src.data.small import SMALL_DATASETS, check_files
+from src.eval.linear_data import imagenet_datasets, small_datasets
 from src.eval.linear_presets import PRESETS, Recipe, infer_protocol, resolve_recipe, used_options
 from src.eval.mutual_info import MiTracker
 from src.logger import RunLogger, save_args, setup_logging
@@ -56,8 +57,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "--data_path", dest="data_opt", default=None, help="same as DIR (SogCLR/CaCo, LORAC): <--data>/train and <--data>/val")
     p.add_argument("--protocol", choices=sorted(PRESETS), default=None,
                    help="recipe preset (None: inferred from the flag spellings, see src/eval/linear_presets.py)")
-    p.add_argument("--dataset", default="imagenet", type=str.lower, choices=["imagenet", "cifar10", "cifar100"],
-                   help="cifar10/cifar100: torchvision CIFAR batches under DIR (DisCo cifar_main_lincls.py)")
+    p.add_argument("--dataset", default="imagenet", type=str.lower, choices=["imagenet", "folder", *SMALL_DATASETS],
+                   help="imagenet (= folder): DIR/train and DIR/val; cifar10/cifar100: torchvision CIFAR batches under "
+                        "DIR (DisCo cifar_main_lincls.py); stl10: DIR/stl10_binary (5,000 labelled train / 8,000 "
+                        "test), with the same recipe")
     p.add_argument("--data_name", choices=["imagenet100", "imagenet1000"], default=None,
                    help="SogCLR: imagenet100 = the first 100 class folders (None: every class)")
     p.add_argument("--train_list", default=None, help="file list of the training subset (SimCLR 1%%/10%% split, "
@@ -138,8 +141,8 @@ def resolve_paths(args: argparse.Namespace) -> None:
 
 
 def build_data(args: argparse.Namespace, std, seed: int):
-    if args.dataset != "imagenet":
-        return cifar_datasets(args.data, args.dataset, args.image_size, std, seed)
+    if args.dataset in SMALL_DATASETS:
+        return small_datasets(args.data, args.dataset, args.image_size, std, seed)
     n = 100 if args.data_name == "imagenet100" else None
     return imagenet_datasets(args.data, args.image_size, std, args.train_list, n, seed)
 
@@ -318,7 +321,9 @@ def main(argv=None) -> None:
     resolve_recipe(args, args.protocol_resolved)  # flag errors before any process starts
     if args.mi_every < 0 or (args.mi_every and (args.mi_samples < 1 or args.mi_bins < 1)):
         raise UserError("--mi_every must be >= 0, --mi_samples and --mi_bins >= 1")
-    if args.dataset == "imagenet":
+    if args.dataset in SMALL_DATASETS:
+        check_files(args.dataset, args.data)
+    else:
         train_dir(args.data)
     os.makedirs(args.dump_path, exist_ok=True)
     D.launch(main_worker, args)

@@ -25,7 +25,9 @@ import torch
 
 from src import distributed as D
 from src import sanity
-from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, print_setup, train_dir
+from src.cli import (HelpFormatter, add_engine_args, engine_config, knn_monitor, prepare_data, print_setup,
+                     workers_per_process)
+from src.data import small
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, caco_augmentations, caco_multicrop
 from src.engine import CheckpointPolicy, KnnMonitor, Trainer, seed_everything
@@ -72,7 +74,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--moco_t", default=0.12, type=float, help="temperature of the encoder's loss")
     p.add_argument("--mem_t", default=0.02, type=float, help="temperature of the memory update")
     p.add_argument("--mlp_dim", default=2048, type=int, help="projector hidden width")
-    p.add_argument("--dataset", default="ImageNet", help="name used in the run directory (any ImageFolder)")
+    p.add_argument("--dataset", default="ImageNet",
+                   help="name used in the run directory (any ImageFolder); cifar10, cifar100 or stl10 read those "
+                        "datasets from <--data> with the small-image preset (docs/small_images.md)")
     p.add_argument("--cluster", default=65536, type=int, help="memory size K")
     p.add_argument("--memory_lr", default=3.0, type=float, help="memory lr (not scaled by the batch)")
     p.add_argument("--memory_lr_final", default=0.03, type=float, help="memory lr at the end (equal: constant; not scaled)")
@@ -95,7 +99,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="stop the run when kNN top-1 <= 1%% at epoch >= 20 (official); default: a warning")
     g.add_argument("--knn_bank_fraction", type=float, default=KNN_BANK_FRACTION,
                    help="kNN bank: the first fraction of every training class (official 0.2)")
-    add_engine_args(p, knn_root="<--data>")
+    add_engine_args(p, knn_root="<--data>", dataset_flag=False)
     p.set_defaults(knn_freq=1, knn_batch_size=128)
     for a in p._actions:
         if a.dest == "knn_freq":
@@ -154,12 +158,15 @@ def per_process(total: int, args: argparse.Namespace, info: D.DistInfo, what: st
 
 
 def build_train_set(args: argparse.Namespace) -> ImageDataset:
+    kw = small.aug_kwargs(args)
     if args.multi_crop:
+        if "min_scale" in kw:   # the small-image preset's scale applies to crop 0 (the global crop)
+            kw["init_min_scale"] = kw.pop("min_scale")
         aug = caco_multicrop(args.size_crops, args.nmb_crops, args.min_scale_crops, args.max_scale_crops,
-                             init_size=args.image_size)
+                             init_size=args.image_size, **kw)
     else:
-        aug = TwoCropsTransform(*caco_augmentations(args.image_size))
-    return ImageDataset(train_dir(args.data), aug, seed=args.data_seed)
+        aug = TwoCropsTransform(*caco_augmentations(args.image_size, **kw))
+    return small.pretraining_set(args, args.data, aug)
 
 
 def collapse_guard(method: CaCo, out: str, info: D.DistInfo, stop: bool):
@@ -193,8 +200,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     setup_logging(out, info.rank)
     seed_everything(args.seed if args.seed is not None else 0)
     batch = per_process(args.batch_size, args, info, "--batch_size")
-    workers = max(args.workers // args.nodes_num, 0)
-    workers = (workers + max(info.local_world_size, 1) - 1) // max(info.local_world_size, 1)
+    workers = workers_per_process(max(args.workers // args.nodes_num, 0), info)
     global_batch = batch * info.world_size
     train_set = build_train_set(args)
     init_lr = args.lr * args.batch_size / 256
@@ -231,7 +237,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     knn = build_knn(args, args.data, method, out, workers,
                     per_process(args.knn_batch_size, args, info, "--knn_batch_size"), info)
     crop = max(args.size_crops + [args.image_size]) if args.multi_crop else args.image_size
-    sanity.report(info, sanity.amp_notice(args, info.device), sanity.warmup_warning(args.warmup_epochs, args.epochs),
+    sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
+                  sanity.warmup_warning(args.warmup_epochs, args.epochs),
                   sanity.lr_warning("caco", init_lr, args.batch_size, f"--lr {args.lr:g} x {args.batch_size}/256"),
                   sanity.image_size_warning(train_set, crop, "--image_size" if crop == args.image_size else
                                             "--size_crops", "training crops"),
@@ -245,7 +252,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = sanity.parse_args(get_parser, argv)
     arch_spec(args.arch)          # fail fast, before any process is spawned
-    train_dir(args.data)
+    prepare_data(args, args.data)
     check_args(args)
     os.makedirs(run_dir(args), exist_ok=True)
     D.launch(main_worker, args)

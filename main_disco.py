@@ -26,8 +26,8 @@ from src import distributed as D
 from src import sanity, zoo
 from src.checkpoint import latest_checkpoint
 from src.cli import (HelpFormatter, add_engine_args, add_moco_script_args, engine_config, knn_monitor, moco_two_crops,
-                     per_process, print_setup, train_dir, workers_per_process)
-from src.data.datasets import ImageDataset
+                     per_process, prepare_data, print_setup, workers_per_process)
+from src.data import small
 from src.engine import CheckpointPolicy, Trainer, seed_everything
 from src.errors import UserError, cli_main
 from src.logger import save_args, setup_logging
@@ -85,7 +85,7 @@ def get_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Flag errors before any process is spawned."""
     arch_spec(args.arch)
-    train_dir(args.data)
+    prepare_data(args, args.data)
     if not args.teacher:
         raise UserError("--teacher is required: the checkpoint of the frozen teacher (see docs/disco.md)")
     args.teacher = zoo.resolve_arg(args.teacher, "--teacher")  # a URL / zoo name: downloaded before any process starts
@@ -112,7 +112,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     batch = per_process(args.batch_size, info)
     workers = workers_per_process(args.workers, info)
     check_queue_divisible(args.moco_k, batch * info.world_size)
-    train_set = ImageDataset(train_dir(args.data), moco_two_crops(args), seed=args.data_seed)
+    train_set = small.pretraining_set(args, args.data, moco_two_crops(args))
     groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
     teacher, tinfo = load_teacher(args.teacher, args.teacher_arch, args.moco_dim)
     method = DisCo(args.arch, teacher, args.teacher_arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
@@ -134,7 +134,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
                         method_name="disco" if args.distill == "mse" else "disco_rkd", workers=workers)
     cfg.save_frozen = args.save_teacher
     knn = knn_monitor(args, args.data)
-    sanity.report(info, sanity.amp_notice(args, info.device),
+    sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.lr_warning("disco", args.lr, batch * info.world_size, "--lr, not scaled"),
                   sanity.image_size_warning(train_set, args.image_size, "--image_size", "training crops"),
                   sanity.knn_image_size_warning(knn, args.image_size))

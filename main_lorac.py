@@ -23,7 +23,8 @@ import torch
 
 from src import distributed as D
 from src import sanity
-from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, print_setup
+from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, prepare_data, print_setup
+from src.data import small
 from src.data.transforms import SWAV_STD
 from src.engine import Trainer, seed_everything
 from src.errors import cli_main
@@ -70,7 +71,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     setup_logging(out, info.rank)
     seed_everything(args.seed)
     check_queue_divisible(args.moco_k, args.batch_size * info.world_size)
-    data_path = resolve_data_path(args.data_path)
+    data_path = resolve_data_path(args.data_path, dataset=small.dataset_name(args))
     train_set = multicrop_dataset(args, data_path, args.color_distortion_scale)
     if info.is_main:
         log.info("Building data done with %d images loaded.", len(train_set))
@@ -88,8 +89,9 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     log.info("crops %s at %s px | pairing %s | sync BN: %s | queue 2 x %d x %d | LORAC beta %s from epoch %d, "
              "temperature after the switch: %s", args.nmb_crops, args.size_crops, pairing, sync, args.moco_dim,
              args.moco_k, args.lorac_beta, args.epoch_lorac_starts, args.lorac_use_temperature)
-    knn = knn_monitor(args, knn_root(data_path), std=SWAV_STD) if args.knn_freq else None
-    sanity.report(info, sanity.amp_notice(args, info.device), sanity.warmup_warning(args.warmup_epochs, args.epochs),
+    knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD) if args.knn_freq else None
+    sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
+                  sanity.warmup_warning(args.warmup_epochs, args.epochs),
                   sanity.lr_warning("lorac", args.base_lr, args.batch_size * info.world_size, "--base_lr"),
                   sanity.image_size_warning(train_set, max(args.size_crops), "--size_crops", "training crops"),
                   sanity.knn_image_size_warning(knn, args.image_size))
@@ -107,7 +109,7 @@ def main(argv=None) -> None:
     args = sanity.parse_args(get_parser, argv)
     arch_spec(args.arch)   # fail fast, before any process group
     check_mocom_args(args)
-    resolve_data_path(args.data_path, quiet=True)
+    prepare_data(args, resolve_data_path(args.data_path, quiet=True, dataset=small.dataset_name(args)), sub=None)
     D.launch(main_worker, args)
 
 

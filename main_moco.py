@@ -17,8 +17,8 @@ import os
 from src import distributed as D
 from src import sanity
 from src.cli import (HelpFormatter, add_engine_args, add_moco_script_args, engine_config, knn_monitor, moco_two_crops,
-                     per_process, print_setup, train_dir, workers_per_process)
-from src.data.datasets import ImageDataset
+                     per_process, prepare_data, print_setup, workers_per_process)
+from src.data import small
 from src.engine import CheckpointPolicy, Trainer, seed_everything
 from src.errors import cli_main
 from src.logger import save_args, setup_logging
@@ -65,7 +65,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     batch = per_process(args.batch_size, info)
     workers = workers_per_process(args.workers, info)
     check_queue_divisible(args.moco_k, batch * info.world_size)
-    train_set = ImageDataset(train_dir(args.data), moco_two_crops(args), seed=args.data_seed)
+    train_set = small.pretraining_set(args, args.data, moco_two_crops(args))
     groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
     zero_init = zero_init_residual(args)
     method = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.hidden,
@@ -82,7 +82,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     if info.is_main:
         save_args(args, out)
     knn = knn_monitor(args, args.data)
-    sanity.report(info, sanity.amp_notice(args, info.device),
+    sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.lr_warning("moco", args.lr, batch * info.world_size, "--lr, not scaled"),
                   sanity.image_size_warning(train_set, args.image_size, "--image_size", "training crops"),
                   sanity.knn_image_size_warning(knn, args.image_size))
@@ -95,7 +95,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = sanity.parse_args(get_parser, argv)
     arch_spec(args.arch)          # fail fast, before any process is spawned
-    train_dir(args.data)
+    prepare_data(args, args.data)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     D.launch(main_worker, args)

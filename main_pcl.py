@@ -21,9 +21,8 @@ import os
 from src import distributed as D
 from src import sanity
 from src.cli import (HelpFormatter, add_engine_args, add_moco_script_args, engine_config, knn_monitor, moco_two_crops,
-                     per_process, print_setup, train_dir, workers_per_process)
-from src.data.datasets import ImageDataset
-from src.data.transforms import eval_transform
+                     per_process, prepare_data, print_setup, workers_per_process)
+from src.data import small
 from src.engine import CheckpointPolicy, Trainer, seed_everything
 from src.errors import cli_main
 from src.logger import save_args, setup_logging
@@ -67,9 +66,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     workers = workers_per_process(args.workers, info)
     check_queue_divisible(args.pcl_r, batch * info.world_size, "--pcl-r")
     num_cluster = parse_num_cluster(args.num_cluster)
-    root = train_dir(args.data)
-    train_set = ImageDataset(root, moco_two_crops(args), seed=args.data_seed)
-    eval_set = ImageDataset(root, eval_transform(args.image_size))  # same files, same indices (B5)
+    train_set = small.pretraining_set(args, args.data, moco_two_crops(args))
+    eval_set = small.pretraining_set(args, args.data, small.eval_tf(args))  # same images, same indices (B5)
     check_pcl_setup(args.pcl_r, num_cluster, batch, len(train_set))
     groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
     method = PCL(args.arch, len(train_set), num_cluster, args.low_dim, args.pcl_r, args.moco_m, args.temperature,
@@ -89,7 +87,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     policy = CheckpointPolicy(out, should_save=lambda e, n: (e + 1) % 5 == 0)
     cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=policy, method_name="pcl", workers=workers)
     knn = knn_monitor(args, args.data)
-    sanity.report(info, sanity.amp_notice(args, info.device),
+    sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.lr_warning("pcl", args.lr, batch * info.world_size, "--lr, not scaled"),
                   sanity.image_size_warning(train_set, args.image_size, "--image_size", "training crops"),
                   sanity.knn_image_size_warning(knn, args.image_size))
@@ -100,7 +98,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = sanity.parse_args(get_parser, argv)
     arch_spec(args.arch)          # fail fast, before any process is spawned
-    train_dir(args.data)
+    prepare_data(args, args.data)
     parse_num_cluster(args.num_cluster)
     args.output_dir = args.output_dir or args.exp_dir
     os.makedirs(args.output_dir, exist_ok=True)

@@ -23,8 +23,9 @@ import torch
 
 from src import distributed as D
 from src import sanity
-from src.cli import (HelpFormatter, add_engine_args, engine_config, knn_monitor, print_setup, train_dir,
+from src.cli import (HelpFormatter, add_engine_args, engine_config, knn_monitor, prepare_data, print_setup, train_dir,
                      workers_per_process)
+from src.data import small
 from src.data.datasets import ImageDataset
 from src.data.transforms import TwoCropsTransform, sogclr_augmentation
 from src.engine import CheckpointPolicy, KnnMonitor, Trainer, seed_everything
@@ -122,8 +123,11 @@ def should_save(epoch: int, epochs: int) -> bool:
 
 def build_datasets(args: argparse.Namespace) -> tuple[ImageDataset, KnnMonitor | None]:
     num_classes = DATA_NAMES[args.data_name]
+    aug = TwoCropsTransform(sogclr_augmentation(args.image_size, args.crop_min,
+                                                **small.aug_kwargs(args, min_scale=False)))
+    if small.is_small_dataset(args):
+        return small.pretraining_set(args, args.data, aug), knn_monitor(args, args.data)
     tdir = train_dir(args.data)
-    aug = TwoCropsTransform(sogclr_augmentation(args.image_size, args.crop_min))
     if args.train_list:
         train_set = ImageDataset(tdir, aug, file_list=args.train_list, seed=args.data_seed)
     else:
@@ -164,7 +168,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     print_setup(info, batch, f"lr {args.lr} x {args.learning_rate_scaling}(B_g={args.batch_size}) = {lr:.4f}, "
                 f"{args.optimizer}, loss {args.loss_type}, gamma {args.gamma}, N={len(train_set)}",
                 f"warmup {args.warmup_epochs} epochs from 0 then cosine to 0, per iteration")
-    sanity.report(info, sanity.amp_notice(args, info.device),
+    sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.warmup_warning(args.warmup_epochs, args.epochs, "--warmup-epochs"),
                   sanity.lr_warning("sogclr", lr, args.batch_size,
                                     f"--lr {args.lr:g} x {args.learning_rate_scaling}(global batch {args.batch_size})"),
@@ -182,7 +186,10 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = sanity.parse_args(get_parser, argv)
     arch_spec(args.arch)          # fail fast, before any process is spawned
-    train_dir(args.data)
+    prepare_data(args, args.data)
+    if small.is_small_dataset(args) and (args.train_list or args.data_name == "imagenet100"):
+        raise UserError(f"--train_list and --data_name imagenet100 select ImageNet folders, not "
+                        f"--dataset {args.dataset}")
     if args.batch_size < 2:
         raise UserError("--batch-size must be at least 2 (the loss needs negatives)")
     os.makedirs(run_dir(args), exist_ok=True)

@@ -31,8 +31,10 @@ from src.cli import (
     add_engine_args,
     engine_config,
     knn_monitor,
+    prepare_data,
     print_setup,
 )
+from src.data import small
 from src.data.transforms import SWAV_STD
 from src.engine import Trainer, seed_everything
 from src.errors import UserError, cli_main
@@ -92,7 +94,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.epsilon <= 0 or args.temperature <= 0:
         raise UserError("--epsilon and --temperature must be positive")
     arch_spec(args.arch)
-    resolve_data_path(args.data_path, quiet=True)
+    prepare_data(args, resolve_data_path(args.data_path, quiet=True, dataset=small.dataset_name(args)), sub=None)
 
 
 def swav_kwargs(args: argparse.Namespace, world_size: int) -> dict:
@@ -127,7 +129,7 @@ def setup(info: D.DistInfo, args: argparse.Namespace) -> str:
 
 def fit(info: D.DistInfo, args: argparse.Namespace, out: str, method: SwAV, name: str, described: str = "") -> None:
     """Data, sync BN, LARC + cosine, checkpoints, kNN monitor and the Trainer: the same for SwAV and DisCo+SwAV."""
-    data_path = resolve_data_path(args.data_path)
+    data_path = resolve_data_path(args.data_path, dataset=small.dataset_name(args))
     train_set = multicrop_dataset(args, data_path)
     if info.is_main:
         log.info("Building data done with %d images loaded.", len(train_set))
@@ -143,8 +145,9 @@ def fit(info: D.DistInfo, args: argparse.Namespace, out: str, method: SwAV, name
              args.nmb_crops, args.size_crops, args.crops_for_assign, args.nmb_prototypes, args.feat_dim,
              args.temperature, args.epsilon, args.sinkhorn_iterations, q, q // info.world_size,
              args.epoch_queue_starts, args.freeze_prototypes_niters, sync, described)
-    knn = knn_monitor(args, knn_root(data_path), std=SWAV_STD) if args.knn_freq else None
-    sanity.report(info, sanity.amp_notice(args, info.device), sanity.warmup_warning(args.warmup_epochs, args.epochs),
+    knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD) if args.knn_freq else None
+    sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
+                  sanity.warmup_warning(args.warmup_epochs, args.epochs),
                   sanity.image_size_warning(train_set, max(args.size_crops), "--size_crops", "training crops"),
                   sanity.knn_image_size_warning(knn, args.image_size))
     if info.is_main:

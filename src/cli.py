@@ -6,8 +6,8 @@ import logging
 import os
 
 from . import distributed as D
+from .data import small
 from .data.datasets import ImageDataset, find_classes
-from .data.transforms import eval_transform
 from .engine import CheckpointPolicy, EngineConfig, KnnMonitor
 from .errors import UserError
 
@@ -35,7 +35,8 @@ def add_moco_script_args(p: argparse.ArgumentParser, *, arch_help: str = "backbo
     """The flags facebookresearch/moco's ``main_moco.py`` defines and its descendants (DisCo's
     ``main.py``, PCL's ``main_pcl.py``) copy: data, arch, workers, epochs, batch (per node), lr (not
     scaled), step schedule, SGD, logging, resume, seed, distributed."""
-    p.add_argument("data", metavar="DIR", help="dataset root: DIR/train for training, DIR/val for the kNN monitor")
+    p.add_argument("data", metavar="DIR", help="dataset root: DIR/train for training, DIR/val for the kNN monitor "
+                   "(--dataset cifar10/cifar100/stl10: the folder holding their files)")
     p.add_argument("-a", "--arch", default="resnet50", help=arch_help)
     p.add_argument("-j", "--workers", default=32, type=int, help="data loading workers per node")
     p.add_argument("--epochs", default=200, type=int, help="training epochs")
@@ -67,10 +68,12 @@ def nonnegative_int(v: str) -> int:
 
 
 def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp16_default: bool = False,
-                    knn_root: str = "DIR") -> None:
+                    knn_root: str = "DIR", dataset_flag: bool = True) -> None:
     """The engine flags of every pretraining script; ``knn_root`` names where the kNN monitor finds
-    ``train/`` and ``val/`` in terms of the script's data flag (e.g. ``<--data_path>/..``)."""
+    ``train/`` and ``val/`` in terms of the script's data flag (e.g. ``<--data_path>/..``);
+    ``dataset_flag=False`` for a script with its own ``--dataset`` (CaCo)."""
     g = p.add_argument_group("engine (this repository)")
+    small.add_dataset_args(g, dataset_flag=dataset_flag)
     g.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
                    help=f"checkpoints, logs, TensorBoard (None: {output_default}, as the official script)")
     g.add_argument("--use_fp16", "--use-fp16", dest="use_fp16", type=D.str2bool, nargs="?", const=True,
@@ -79,10 +82,13 @@ def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp
     g.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     g.add_argument("--auto_resume", type=D.str2bool, default=True,
                    help="resume from the newest checkpoint in the output directory (true/false)")
-    g.add_argument("--knn_freq", type=int, default=0, help=f"kNN monitor every N epochs: bank {knn_root}/train, queries {knn_root}/val (0: off)")
+    g.add_argument("--knn_freq", type=int, default=0,
+                   help=f"kNN monitor every N epochs: bank {knn_root}/train, queries {knn_root}/val (--dataset "
+                        "cifar10/...: the train and test splits) (0: off)")
     g.add_argument("--knn_k", type=int, default=20, help="kNN monitor: neighbours")
     g.add_argument("--knn_t", type=float, default=0.2, help="kNN monitor: temperature of the exp(s/t) vote weights")
     g.add_argument("--knn_batch_size", type=int, default=256, help="kNN monitor: feature-extraction batch per process")
+    small.add_knn_protocol_arg(g)
     g.add_argument("--image_size", type=int, default=224,
                    help="crop size in px (224 for ImageNet; e.g. 32 for 32-px images; larger than the images "
                         "upsamples them, with a warning)")
@@ -142,23 +148,43 @@ def train_dir(data: str, sub: str = "train") -> str:
     return path
 
 
+def prepare_data(args: argparse.Namespace, root: str, sub: str | None = "train") -> None:
+    """Before any process is spawned: check the data (a folder needs ``<root>/<sub>/<class>/<image>``,
+    ``sub=None`` when ``root`` is the train folder itself; a small dataset its files) and apply the
+    small-image preset and the kNN protocol to ``args`` (:func:`src.data.small.apply_presets`)."""
+    folder = None
+    if not small.is_small_dataset(args):
+        folder = train_dir(root, sub) if sub else root
+        if not sub:
+            find_classes(root)
+    small.apply_presets(args, root, folder)
+
+
 def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes: int | None = None,
                 train_list: str | None = None, val_list: str | None = None, workers: int = 4,
                 pick_first: float | None = None, **monitor_kw) -> KnnMonitor | None:
     """The kNN monitor: bank = ``<data>/train`` (eval transform), queries = ``<data>/val``, each
     optionally restricted to the first ``num_classes`` folders or to a file list; ``pick_first``
-    keeps the first fraction of every bank class (CaCo: 0.2). ``monitor_kw`` (``schedule``,
-    ``check``, ``batch_size`` per process, default ``--knn_batch_size``) go to :class:`KnnMonitor`."""
+    keeps the first fraction of every bank class (CaCo: 0.2). With ``--dataset cifar10|cifar100|stl10``
+    the bank is the train split and the queries the test split (the small-image preset's eval
+    transform). ``monitor_kw`` (``schedule``, ``check``, ``batch_size`` per process, default
+    ``--knn_batch_size``) go to :class:`KnnMonitor`."""
     if not args.knn_freq and monitor_kw.get("schedule") is None:
         return None
+    monitor_kw.setdefault("batch_size", args.knn_batch_size)
+    tf = small.eval_tf(args, std)
+    if small.is_small_dataset(args):
+        if pick_first is not None:
+            log.info("kNN monitor on --dataset %s: the bank is the whole train split (no per-class fraction)",
+                     small.dataset_name(args))
+        bank, queries = small.knn_splits(args, data_root, tf)
+        return KnnMonitor(bank, queries, len(bank.classes), k=args.knn_k, t=args.knn_t, workers=workers, **monitor_kw)
     val = os.path.join(data_root, "val")
     if not os.path.isdir(val):
         log.warning("--knn_freq set but %s does not exist: kNN monitor disabled", val)
         return None
     if train_list and not val_list:
         raise UserError("--knn_freq with --train_list needs --val_list")
-    kw = {"std": std} if std is not None else {}
-    tf = eval_transform(args.image_size, **kw)
     n = None if train_list else num_classes
     bank = ImageDataset(os.path.join(data_root, "train"), tf, file_list=train_list, num_classes=n,
                         pick_first=pick_first)
@@ -166,7 +192,6 @@ def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes:
     if queries.classes != bank.classes:
         what = f"{train_list} and {val_list} list" if train_list else f"{val} and {data_root}/train have"
         raise UserError(f"{what} different classes")
-    monitor_kw.setdefault("batch_size", args.knn_batch_size)
     return KnnMonitor(bank, queries, len(bank.classes), k=args.knn_k, t=args.knn_t, workers=workers, **monitor_kw)
 
 
@@ -186,10 +211,10 @@ def workers_per_process(workers: int, info: D.DistInfo) -> int:
 
 def moco_two_crops(args: argparse.Namespace):
     """``TwoCropsTransform`` of MoCo v2's ``--aug-plus`` augmentation, else MoCo v1's (main_moco, main_disco,
-    main_pcl)."""
+    main_pcl), under the small-image preset when it is in force."""
     from .data.transforms import TwoCropsTransform, moco_v1_augmentation, moco_v2_augmentation
     aug = moco_v2_augmentation if args.aug_plus else moco_v1_augmentation
-    return TwoCropsTransform(aug(args.image_size))
+    return TwoCropsTransform(aug(args.image_size, **small.aug_kwargs(args)))
 
 
 def print_setup(info: D.DistInfo, per_proc_batch: int, lr_desc: str, schedule: str) -> None:

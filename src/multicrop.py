@@ -14,6 +14,7 @@ import logging
 import os
 
 from . import distributed as D
+from .data import small
 from .data.datasets import ImageDataset, find_classes
 from .data.transforms import SWAV_STD, MultiCropTransform
 from .engine import CheckpointPolicy
@@ -28,7 +29,8 @@ def add_multicrop_data_args(p: argparse.ArgumentParser) -> argparse._ArgumentGro
     g = p.add_argument_group("data")
     g.add_argument("--data_path", "--data-path", dest="data_path", type=str, default="/path/to/imagenet",
                    help="ImageFolder root used directly: pass .../train (a root holding only train/ val/ is "
-                        "accepted and its train/ is used); the kNN monitor looks for <data_path>/../val")
+                        "accepted and its train/ is used); the kNN monitor looks for <data_path>/../val. "
+                        "--dataset cifar10/cifar100/stl10: the folder holding their files")
     g.add_argument("--nmb_crops", type=int, default=[2], nargs="+", help="crops per resolution group")
     g.add_argument("--size_crops", type=int, default=[224], nargs="+", help="crop size (px) per group")
     g.add_argument("--min_scale_crops", type=float, default=[0.14], nargs="+", help="RandomResizedCrop min scale per group")
@@ -114,11 +116,14 @@ def check_mocom_args(args: argparse.Namespace) -> None:
                         "dim, as in the official code; drop the flag (or pass 2048)")
 
 
-def resolve_data_path(path: str, quiet: bool = False) -> str:
+def resolve_data_path(path: str, quiet: bool = False, dataset: str = "folder") -> str:
     """The official code uses ``--data_path`` as the ImageFolder root. A dataset root that holds only
-    ``train/`` (``val/``, ``test/``) would silently train on all splits as 'classes': use its train/."""
+    ``train/`` (``val/``, ``test/``) would silently train on all splits as 'classes': use its train/.
+    A small dataset (``--dataset cifar10`` ...) is read from ``path`` itself."""
     if not path or not os.path.isdir(path):
         raise UserError(f"data directory not found: {path}")
+    if dataset in small.SMALL_DATASETS:
+        return path
     classes = find_classes(path)
     if "train" in classes and set(classes) <= {"train", "val", "test"}:
         if not quiet:
@@ -129,16 +134,22 @@ def resolve_data_path(path: str, quiet: bool = False) -> str:
     return path
 
 
-def knn_root(data_path: str) -> str:
-    """The kNN monitor's root: ``<data_path>/..`` (bank ``../train``, queries ``../val``)."""
-    return os.path.dirname(os.path.abspath(data_path))
+def knn_root(data_path: str, dataset: str = "folder") -> str:
+    """The kNN monitor's root: ``<data_path>/..`` (bank ``../train``, queries ``../val``); a small
+    dataset's own folder (its train and test splits)."""
+    return data_path if dataset in small.SMALL_DATASETS else os.path.dirname(os.path.abspath(data_path))
 
 
 def multicrop_dataset(args: argparse.Namespace, data_path: str, color_distortion_scale: float = 1.0,
                       std=SWAV_STD) -> ImageDataset:
+    """The multi-crop training set; under the small-image preset with its mean/std and, at 32 px, no blur
+    (the crop sizes and scales were set in ``args`` by :func:`src.data.small.apply_presets`)."""
+    p = small.preset_of(args)
+    kw = dict(std=std) if p is None else dict(std=tuple(p["std"]), mean=tuple(p["mean"]),
+                                              blur_p=0.5 if p["blur"] else 0.0)
     transform = MultiCropTransform(args.size_crops, args.nmb_crops, args.min_scale_crops, args.max_scale_crops,
-                                   color_distortion_scale=color_distortion_scale, std=std)
-    return ImageDataset(data_path, transform, seed=args.data_seed)
+                                   color_distortion_scale=color_distortion_scale, **kw)
+    return small.pretraining_set(args, data_path, transform, train_sub=None)
 
 
 def larc_with_cosine(params, args: argparse.Namespace):

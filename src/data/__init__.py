@@ -21,6 +21,7 @@ evaluation reads follows it):
   uint8 N×H×W×3) from the device without a DataLoader (``EngineConfig.data_on_device``).
 
 Readers: :class:`~src.data.datasets.ImageDataset` (ImageFolder, file lists, first-N classes),
-:class:`~src.data.cifar.CifarDataset` (CIFAR-10/100 python batches), :mod:`src.data.builtin`
-(sklearn digits and generated folders for the demo and the tests).
+:class:`~src.data.cifar.CifarDataset` (CIFAR-10/100 python batches), :class:`~src.data.stl10.Stl10Dataset`
+(STL-10 binaries), :mod:`src.data.builtin` (sklearn digits and generated folders for the demo and the
+tests). :mod:`src.data.small` maps ``--dataset`` to them and holds the small-image preset.
 """

@@ -5,7 +5,8 @@ and accepting the ``(index, epoch)`` items of :class:`~src.data.datasets.EpochSa
 Transforms: ImageNet (moco_m_lorac.md §6, sogclr_caco.md A7/B7, disco_pcl_evals.md C2): train
 RandomResizedCrop(size) (scale 0.08-1) + flip, val Resize(size·256/224) + CenterCrop(size).
 CIFAR (disco_pcl_evals.md C4): train RandomResizedCrop(size, BICUBIC) + flip, test
-Resize(size, BICUBIC) + CenterCrop(size); ImageNet mean/std.
+Resize(size, BICUBIC) + CenterCrop(size); ImageNet mean/std. STL-10 (labelled train → test) takes
+the same recipe. The readers are the pretraining ones (:mod:`src.data.small`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torchvision import transforms as T
 
 from ..data.cifar import CIFAR_FILES, CifarDataset  # noqa: F401 (re-exported)
 from ..data.datasets import ImageDataset
+from ..data.small import small_split
 from ..data.transforms import eval_transform, linear_train_transform, normalize
 from ..errors import UserError
 
@@ -62,8 +64,9 @@ def cifar_transforms(size: int, std) -> tuple[T.Compose, T.Compose]:
     return train, test
 
 
-def cifar_datasets(root: str, name: str, size: int, std, seed: int = 0) -> tuple[CifarDataset, CifarDataset]:
+def small_datasets(root: str, name: str, size: int, std, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """CIFAR-10/100 train → test, or STL-10's labelled train → test, with the C4 transforms."""
     if not os.path.isdir(root):
         raise UserError(f"data directory not found: {root}")
     ttf, vtf = cifar_transforms(size, std)
-    return CifarDataset(root, name, True, ttf, seed), CifarDataset(root, name, False, vtf, seed)
+    return small_split(name, root, "train", ttf, seed), small_split(name, root, "test", vtf, seed)

@@ -17,7 +17,7 @@ Sources: moco_m_lorac.md §6 (LORAC/SwAV ``eval_linear.py``, README values), §7
 sogclr_caco.md A7 (SogCLR ``lincls.py``), B7 (CaCo ``linear.py``, README ``--lr 0.025 -b 4096`` = 0.4;
 the script's own default ``--lr`` is 0.1); disco_pcl_evals.md C2 (DisCo Reproduction lr 3, PCL lr 5), C4
 (CIFAR transfer: constant lr 3, 200 epochs, batch 256 — applied on top of any protocol by
-``--dataset cifar10|cifar100``). All use momentum 0.9 and the frozen backbone in eval mode.
+``--dataset cifar10|cifar100|stl10``). All use momentum 0.9 and the frozen backbone in eval mode.
 
 "per node" (MoCo semantics): ``-b`` is split over the processes of one node; "per process" (SwAV
 ``--batch_size``): each process takes ``-b``; "global" (MoCo v3/SogCLR): ``-b`` is split over all processes.
@@ -162,7 +162,7 @@ def resolve_recipe(args: argparse.Namespace, protocol: str, world_size: int = 1,
     if protocol not in PRESETS:
         raise UserError(f"unknown --protocol {protocol!r}; choose from {', '.join(PRESETS)}")
     p = PRESETS[protocol]
-    if getattr(args, "dataset", "imagenet") in ("cifar10", "cifar100"):
+    if getattr(args, "dataset", "imagenet") in ("cifar10", "cifar100", "stl10"):
         p = replace(p, **CIFAR_OVERLAY)
     elif protocol == "disco" and getattr(args, "train_list", None):
         p = replace(p, milestones=DISCO_SEMI_MILESTONES)  # main_lincls_semi.py: ×0.5 at [60, 80] (C3)

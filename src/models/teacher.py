@@ -37,7 +37,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from ..checkpoint import extract_state_dict, load_checkpoint, load_into_encoder
+from ..checkpoint import extract_state_dict, has_cifar_stem, load_checkpoint, load_into_encoder
 from ..errors import UserError
 from ..zoo import resolve
 from .backbones import build_encoder, feat_dim
@@ -99,16 +99,17 @@ def _resnet_head(sub: Mapping[str, torch.Tensor], arch: str, source: str, sd: Ma
                     f"teacher needs its 128-d MoCo head.{_hint(sd, arch)}")
 
 
-def build_teacher(arch: str, head: nn.Module | None = None, dim: int = 128) -> nn.Module:
-    """The teacher network for ``arch`` (ResNets: with ``head`` as ``fc``; SwAV-format: SwAV's BN
-    head and L2-normalised output, as DisCo builds them with ``normalize=True``)."""
+def build_teacher(arch: str, head: nn.Module | None = None, dim: int = 128, cifar_stem: bool = False) -> nn.Module:
+    """The teacher network for ``arch`` (ResNets: with ``head`` as ``fc``, and the CIFAR stem when the
+    checkpoint has it; SwAV-format: SwAV's BN head and L2-normalised output, as DisCo builds them with
+    ``normalize=True``)."""
     _check_arch(arch)
     if arch in SWAV_TEACHERS:
         widen, hidden = SWAV_TEACHERS[arch]
         model = build_encoder(arch, swav_projection_head(feat_dim(arch), hidden, dim))
         model.l2norm = True
         return model
-    return build_encoder(arch, head if head is not None else nn.Identity())
+    return build_encoder(arch, head if head is not None else nn.Identity(), cifar_stem=cifar_stem)
 
 
 def _layout(sd: Mapping[str, torch.Tensor], arch: str) -> tuple[str, tuple[str, ...]]:
@@ -152,7 +153,9 @@ def load_teacher(path: str, arch: str, dim: int = 128) -> tuple[nn.Module, Teach
         head_desc = f"SwAV BN head {feat_dim(arch)}-{hidden}-{dim}, L2-normalised"
     else:
         head, head_desc = _resnet_head(sub, arch, path, sd)
-        model = build_teacher(arch, head)
+        stem = has_cifar_stem(sub)   # a teacher pretrained with --dataset cifar10/... (3x3 stem)
+        model = build_teacher(arch, head, cifar_stem=stem)
+        head_desc += ", CIFAR stem" if stem else ""
     want = model.state_dict()
     missing = [k for k in want if k not in sub]
     shape = [k for k in want if k in sub and tuple(sub[k].shape) != tuple(want[k].shape)]

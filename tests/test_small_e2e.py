@@ -1,6 +1,7 @@
 """Every pretraining script runs two iterations at 32 px with ``--dataset cifar10`` (in-process, one
-process) under the small-image preset: 32 px crops (multi-crop 32/14), the CIFAR stem, the CIFAR
-normalisation, the preset's log line."""
+process) under the small-image preset, in both data modes (DataLoader workers augmenting on the CPU,
+and ``--data_on_device``: the GPU-resident path, here on CPU tensors): 32 px crops (multi-crop
+32/14), the CIFAR stem, the CIFAR normalisation, the preset's log line."""
 from __future__ import annotations
 
 import glob
@@ -82,21 +83,29 @@ def _ops(t) -> list:
     return out
 
 
+@pytest.mark.parametrize("mode", ["loader", "resident"])
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_two_iterations_at_32px_on_cifar10(script, cifar, teachers, tmp_path, monkeypatch):
+def test_two_iterations_at_32px_on_cifar10(script, mode, cifar, teachers, tmp_path, monkeypatch):
     from torchvision import transforms as T
 
     from src.data.cifar import CifarDataset
+    from src.data.resident import ResidentLoader
     from src.data.transforms import GaussianBlur, PILRandomGaussianBlur
     from src.engine import Trainer
-    seen = []
+    seen, loaders = [], []
     init = Trainer.__init__
-    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **kw: (seen.append(a[3]), init(self, *a, **kw))[1])
+
+    def spy(self, *a, **kw):
+        seen.append(a[3])
+        init(self, *a, **kw)
+        loaders.append(type(self.loader))
+    monkeypatch.setattr(Trainer, "__init__", spy)
     out = str(tmp_path / "out")
     needs_teacher = script in ("main_disco", "main_swav_distill")
     argv = [*SCRIPTS[script](cifar, teachers if needs_teacher else {}), "--dataset", "cifar10", *TINY,
-            "--output_dir", out]
+            "--output_dir", out, *(["--data_on_device"] if mode == "resident" else [])]
     importlib.import_module(script).main(argv)
+    assert (loaders == [ResidentLoader]) == (mode == "resident"), loaders
 
     # the training pipeline the engine received: CIFAR train split, 32/14 px crops, CIFAR mean/std, no blur
     (train_set,) = seen

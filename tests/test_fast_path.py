@@ -136,3 +136,21 @@ def test_training_through_the_fast_path_follows_the_reference(tiny_folder, tmp_p
     assert gap(fast, ref) <= 2 * gap(other, ref) + 0.05, (ref, other, fast)
     for run in (ref, fast):
         assert run[0] < np.mean(run[-4:]) and abs(np.mean(run[-4:]) - math.log(17)) < 0.5
+
+
+def test_benchmark_data_script_measures_both_paths(tmp_path, capsys):
+    """scripts/benchmark_data.py on 3 generated 500×375 JPEGs: one table row per preset, with the rates
+    of both paths, their ratio and the device half's cost, from the same run."""
+    import re
+
+    from scripts.benchmark_data import main, make_jpegs
+    make_jpegs(str(tmp_path), 3)
+    assert Image.open(tmp_path / "train" / "c0" / "00000.jpg").size == (500, 375)
+    main(["--data", str(tmp_path), "--images", "3", "--repeats", "1", "--device_batch", "4"])
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| LORAC") or r.startswith("| MoCo v2")]
+    assert len(rows) == 2, out
+    for r in rows:
+        ref, fast, ratio = (float(x) for x in re.findall(r"\| ([\d.]+)×? ", r)[:3])
+        assert ref > 0 and fast > 0 and abs(ratio - fast / ref) < 0.1 * ratio + 0.05
+    assert re.search(r"≥ 5× (PASS|FAIL)", rows[0]) and rows[0].endswith("(cpu) |")

@@ -51,32 +51,44 @@ class WorkerCrops:
     takes_seed = True
 
     def __init__(self, geometry: DevicePipeline):
-        self.views = []  # (stream, draws, [(op, offset)] crop first, then the flip if any)
+        self.views = []  # (stream, [(op, offset)]: the crop, then the flip if any)
         for v in geometry.views:
             kinds = [type(op) for op in v.ops]
             if kinds not in ([G.RandomResizedCrop], [G.RandomResizedCrop, G.HorizontalFlip]):
                 raise UserError(f"fast data path: a view must be one crop and at most one flip, got {v.describe()}")
-            self.views.append((v.stream, max(v.draws, 1), list(zip(v.ops, v.offsets))))
+            self.views.append((v.stream, list(zip(v.ops, v.offsets))))
+        self.draws = max(max(v.draws, 1) for v in geometry.views)
+        self.streams = torch.tensor([[s] for s, _ in self.views], dtype=torch.int64)
+        groups: dict[tuple, list[int]] = {}   # views whose crop op and offsets agree: one vectorised draw
+        for i, (_, ops) in enumerate(self.views):
+            groups.setdefault(tuple((op.describe(), o) for op, o in ops), []).append(i)
+        self.groups = [(self.views[idx[0]][1], idx) for idx in groups.values()]
 
     def __call__(self, img: Image.Image, seed: int | None = None) -> list[torch.Tensor]:
         if seed is None:  # outside the training sampler (no epoch): a fresh draw
             seed = int(torch.randint(0, 2 ** 62, ()).item())
-        seeds = torch.tensor([seed], dtype=torch.int64)
+        # the draws of every view at once: row v = uniform(seed, ·, stream_v), as the device pipeline draws them
+        u = uniform(torch.full((len(self.views),), seed, dtype=torch.int64), self.draws, self.streams)
         shape = (1, 3, img.height, img.width)
+        boxes: list = [None] * len(self.views)
+        for ((crop, o), *flip), idx in self.groups:
+            rows = u[idx]
+            p = crop.params(rows[:, o:o + crop.draws], shape)
+            flipped = flip[0][0].params(rows[:, flip[0][1]:flip[0][1] + 1], shape)["applied"].tolist() if flip \
+                else [False] * len(idx)
+            for i, t, left, h, w, f in zip(idx, p["top"].tolist(), p["left"].tolist(), p["height"].tolist(),
+                                        p["width"].tolist(), flipped):
+                boxes[i] = (t, left, h, w, f, crop.size)
         out = []
-        for stream, draws, ops in self.views:
-            u = uniform(seeds, draws, stream)
-            (crop, o), *flip = ops
-            p = crop.params(u[:, o:o + crop.draws], shape)
-            v = F.resized_crop(img, int(p["top"]), int(p["left"]), int(p["height"]), int(p["width"]),
-                               list(crop.size), InterpolationMode.BILINEAR, antialias=True)
-            if flip and bool(flip[0][0].params(u[:, flip[0][1]:flip[0][1] + 1], shape)["applied"][0]):
+        for t, left, h, w, f, size in boxes:
+            v = F.resized_crop(img, t, left, h, w, list(size), InterpolationMode.BILINEAR, antialias=True)
+            if f:
                 v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out.append(torch.from_numpy(np.asarray(v, dtype=np.uint8).copy()).permute(2, 0, 1))
+            out.append(torch.from_numpy(np.array(v, dtype=np.uint8)).permute(2, 0, 1))
         return out
 
     def __repr__(self) -> str:
-        return f"WorkerCrops({[[op.describe() for op, _ in ops] for _, _, ops in self.views]})"
+        return f"WorkerCrops({[[op.describe() for op, _ in ops] for _, ops in self.views]})"
 
 
 def split_transform(transform) -> tuple[WorkerCrops, DevicePipeline]:

@@ -154,3 +154,38 @@ def test_benchmark_data_script_measures_both_paths(tmp_path, capsys):
         ref, fast, ratio = (float(x) for x in re.findall(r"\| ([\d.]+)×? ", r)[:3])
         assert ref > 0 and fast > 0 and abs(ratio - fast / ref) < 0.1 * ratio + 0.05
     assert re.search(r"≥ 5× (PASS|FAIL)", rows[0]) and rows[0].endswith("(cpu) |")
+
+
+def _fast_trainer(folder: str, out, fire_at=None) -> Trainer:
+    import os
+    import signal
+    seed_everything(0)
+    m = MoCo("resnet18", 16, 32, 0.99, 0.2, True)
+    forward, calls = m.forward, []
+
+    def spy(crops, index=None):
+        calls.append(index.tolist())
+        if fire_at is not None and len(calls) == fire_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return forward(crops, index)
+    m.forward = spy
+    ds = ImageDataset(f"{folder}/train", R.TwoCropsTransform(R.moco_v2_augmentation(32)), seed=5)
+    cfg = EngineConfig(1, 8, str(out), CheckpointPolicy(str(out)), "moco", "resnet18", workers=0, max_iters=3,
+                       stop_check_every=1, print_freq=1, seed=5, fast_aug="on")
+    return Trainer(m, torch.optim.SGD(m.trainable_parameters(), 0.03, momentum=0.9), lambda e, i, n: 0.03, ds, cfg,
+                   DistInfo())
+
+
+def test_fast_path_run_resumes_exactly(tiny_folder, tmp_path):
+    """Through the fast path, a run stopped by SIGUSR1 after its 1st step and resumed sees the
+    remaining batches and ends with the uninterrupted run's weights and queue (the augmentation is a
+    function of (seed, epoch, index, view): the worker and device halves redraw the same views)."""
+    ref = _fast_trainer(tiny_folder, tmp_path / "ref")
+    ref.fit()
+    run = tmp_path / "run"
+    assert _fast_trainer(tiny_folder, run, fire_at=1).fit() == {"interrupted": 1.0, "next_iter": 1.0}
+    resumed = _fast_trainer(tiny_folder, run)
+    resumed.fit()
+    assert resumed.resumed_from.endswith("checkpoint_interrupted.pth.tar")
+    a, b = ref.method.state_dict(), resumed.method.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

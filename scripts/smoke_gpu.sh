@@ -24,6 +24,8 @@ COMMON="--image_size 64 -j 2 --print-freq 2"
 run $PY main_moco.py -a resnet18 -b 16 --mlp --aug-plus --cos --moco-k 256 --epochs 1 $COMMON --use_fp16 --output_dir "$OUT/moco_fp16" "$OUT/data"
 run $PY main_moco.py -a resnet18 -b 16 --mlp --aug-plus --cos --moco-k 256 --epochs 1 $COMMON --bf16 --channels_last --output_dir "$OUT/moco_bf16" "$OUT/data"
 run $TR main_moco.py -a resnet18 -b $B --mlp --aug-plus --cos --moco-k 256 --epochs 2 $COMMON --use_fp16 --knn_freq 1 --output_dir "$OUT/moco_ddp" "$OUT/data"
+# the PIL reference pipeline on the GPU (the runs above and below take the fast path: --fast_aug auto)
+run $PY main_moco.py -a resnet18 -b 16 --mlp --aug-plus --cos --moco-k 256 --epochs 1 $COMMON --fast_aug off --output_dir "$OUT/moco_pil" "$OUT/data"
 # LORAC with SyncBN and fp16 across the switch
 run $TR main_lorac.py --data_path "$OUT/data/train" --nmb_crops 3 2 --size_crops 64 32 --min_scale_crops 0.14 0.05 \
     --max_scale_crops 1. 0.14 --crops_for_assign 0 1 --moco-k 256 --mlp true --epochs 2 --batch_size 16 --base_lr 1.8 \
@@ -45,7 +47,9 @@ run $TR eval_linear.py -a resnet18 --pretrained "$OUT/moco_ddp/checkpoint_0001.p
 # semi-supervised fine-tuning of the whole network (DDP, fp16, SyncBN on GPU) on a class-balanced half
 run $TR eval_semi.py -a resnet18 --pretrained "$OUT/moco_ddp/checkpoint_0001.pth.tar" --image_size 64 -j 2 \
     --fraction 0.5 --class_balanced --epochs 2 -b $B --lr 0.01 --use_fp16 --sync_bn pytorch --dump_path "$OUT/semi" "$OUT/data"
-for f in moco_fp16/checkpoint_0000.pth.tar moco_bf16/checkpoint_0000.pth.tar moco_ddp/checkpoint_0001.pth.tar \
+# data-path benchmark: reference vs fast worker half, and the device half's cost on the GPU
+$PY scripts/benchmark_data.py --images 48 --repeats 3
+for f in moco_fp16/checkpoint_0000.pth.tar moco_pil/checkpoint_0000.pth.tar moco_bf16/checkpoint_0000.pth.tar moco_ddp/checkpoint_0001.pth.tar \
          lorac/checkpoint.pth.tar caco/checkpoint_best.pth.tar disco/checkpoint_0000.pth.tar linear/results.json \
          semi/results.json; do
   [ -f "$OUT/$f" ] || { echo "smoke: missing $OUT/$f"; exit 1; }

@@ -98,6 +98,10 @@ def add_engine_args(p: argparse.ArgumentParser, *, output_default: str = ".", fp
     g.add_argument("--data_on_device", action="store_true",
                    help="small in-memory datasets (CIFAR, STL-10): keep the uint8 images on the device and run the "
                         "augmentations there, batched (no loader workers; same augmentation distributions)")
+    g.add_argument("--fast_aug", choices=("auto", "on", "off"), default="auto",
+                   help="images read from files: loader workers only decode, crop and flip (uint8); colour jitter, "
+                        "grayscale, blur, solarize and normalisation run batched on the device (same distributions "
+                        "as the PIL reference). auto: on with a GPU; off: the classic PIL pipeline in the workers")
     g.add_argument("--stop_check_every", type=positive_int, default=10,
                    help="iterations between two polls for a stop signal (SIGTERM/SIGUSR1; a host-side all-reduce)")
     g.add_argument("--requeue", action="store_true",
@@ -119,7 +123,8 @@ def engine_config(args: argparse.Namespace, *, batch_size: int, output_dir: str,
                         knn_freq=args.knn_freq, max_iters=args.max_iters, stop_check_every=args.stop_check_every,
                         skip_nonfinite=args.skip_nonfinite, requeue=args.requeue,
                         start_epoch=getattr(args, "start_epoch", 0),
-                        data_on_device=getattr(args, "data_on_device", False))
+                        data_on_device=getattr(args, "data_on_device", False),
+                        fast_aug=getattr(args, "fast_aug", "auto"))
 
 
 def amp_mode(args: argparse.Namespace) -> str | None:

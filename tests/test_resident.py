@@ -113,3 +113,40 @@ def test_moco_trains_through_the_resident_path_and_resumes_exactly(cifar, tmp_pa
     assert [x[0] for x in resumed.method.seen] == [order[8:16]]
     a, b = ref.method.state_dict(), resumed.method.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stl10_is_read_whole_for_the_resident_path(tmp_path):
+    """STL-10 (memory-mapped, column-major on disk) gives the resident path its whole pretraining split
+    (train then unlabeled) as upright N×96×96×3 uint8, image for image what the CPU path decodes."""
+    import numpy as np
+
+    from src.data.stl10 import Stl10Dataset
+    from tests.small_data import write_stl10
+    written = write_stl10(str(tmp_path), n_train=3, n_test=2, n_unlabeled=4)
+    ds = Stl10Dataset(str(tmp_path), "train+unlabeled")
+    arr = in_memory_images(ds)
+    assert arr.shape == (7, 96, 96, 3) and arr.dtype == np.uint8
+    assert np.array_equal(arr, np.concatenate([written["train"][0], written["unlabeled"][0]]))
+    assert all(np.array_equal(arr[i], ds.image_array(i)) for i in range(7))
+
+
+def test_small_preset_runs_as_the_same_ops_on_the_device(tmp_path):
+    """The small-image preset's two-crop transform (as main_moco builds it for --dataset cifar10) and its
+    device twin: RRC scale (0.08, 1) at 32 px, no blur, the CIFAR mean/std."""
+    import argparse
+
+    from src.cli import moco_two_crops
+    from src.data import small
+    from src.data.gpu_pipeline import device_pipeline
+    from tests.small_data import write_cifar10
+    write_cifar10(str(tmp_path))
+    args = argparse.Namespace(dataset="cifar10", small_images=False, image_size=224, arch="resnet18",
+                              cifar_stem=False, aug_plus=True, explicit_flags=[], knn_protocol="default")
+    small.apply_presets(args, str(tmp_path))
+    assert args.image_size == 32 and args.cifar_stem
+    view = device_pipeline(moco_two_crops(args)).describe()
+    assert len(view) == 2 and view[0] == view[1]
+    ops = {d[0]: d[1:] for d in view[0]}
+    assert ops["crop"][:2] == ((32, 32), (0.08, 1.0)) and "blur" not in ops
+    assert ops["normalize"] == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    assert [d[0] for d in view[0]] == ["crop", "jitter", "gray", "flip", "normalize"]

@@ -1,6 +1,8 @@
 """Every pretraining script runs two iterations at 32 px with ``--dataset cifar10`` (in-process, one
-process) under the small-image preset: 32 px crops (multi-crop 32/14), the CIFAR stem, the CIFAR
-normalisation, the preset's log line."""
+process) under the small-image preset, in the three data modes: DataLoader workers running the PIL
+reference, ``--fast_aug on`` (workers crop and flip, the colour ops run batched on the device) and
+``--data_on_device`` (the GPU-resident path), the last two here on CPU tensors. Checked: 32 px crops
+(multi-crop 32/14), the CIFAR stem, the CIFAR normalisation, the preset's log line, the path taken."""
 from __future__ import annotations
 
 import glob
@@ -82,25 +84,37 @@ def _ops(t) -> list:
     return out
 
 
+@pytest.mark.parametrize("mode", ["loader", "resident", "fast"])
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_two_iterations_at_32px_on_cifar10(script, cifar, teachers, tmp_path, monkeypatch):
+def test_two_iterations_at_32px_on_cifar10(script, mode, cifar, teachers, tmp_path, monkeypatch):
     from torchvision import transforms as T
 
     from src.data.cifar import CifarDataset
+    from src.data.fast_path import WorkerCrops
+    from src.data.resident import ResidentLoader
     from src.data.transforms import GaussianBlur, PILRandomGaussianBlur
     from src.engine import Trainer
-    seen = []
+    seen, loaders, fast = [], [], []
     init = Trainer.__init__
-    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **kw: (seen.append(a[3]), init(self, *a, **kw))[1])
+
+    def spy(self, *a, **kw):
+        seen.append((a[3], a[3].transform))   # the reference transform, before any fast path takes it
+        init(self, *a, **kw)
+        loaders.append(type(self.loader))
+        fast.append(isinstance(getattr(self.train_set, "transform", None), WorkerCrops) and
+                    self.batch_transform is not None)
+    monkeypatch.setattr(Trainer, "__init__", spy)
     out = str(tmp_path / "out")
     needs_teacher = script in ("main_disco", "main_swav_distill")
     argv = [*SCRIPTS[script](cifar, teachers if needs_teacher else {}), "--dataset", "cifar10", *TINY,
-            "--output_dir", out]
+            "--output_dir", out, *{"resident": ["--data_on_device"], "fast": ["--fast_aug", "on"]}.get(mode, [])]
     importlib.import_module(script).main(argv)
+    assert (loaders == [ResidentLoader]) == (mode == "resident"), loaders
+    assert fast == [mode == "fast"]
 
     # the training pipeline the engine received: CIFAR train split, 32/14 px crops, CIFAR mean/std, no blur
-    (train_set,) = seen
-    ops = _ops(train_set.transform)
+    ((train_set, reference),) = seen
+    ops = _ops(reference)
     assert isinstance(train_set, CifarDataset) and len(train_set) == 20
     assert {o.size[0] for o in ops if isinstance(o, T.RandomResizedCrop)} == ({32, 14} if script in MULTI else {32})
     norms = [o for o in ops if isinstance(o, T.Normalize)]

@@ -185,6 +185,8 @@ class ImageDataset(Dataset):
 
     def _seeded_transform(self, img, epoch: int, index: int):
         s = augmentation_seed(self.seed, epoch, index)
+        if getattr(self.transform, "takes_seed", False):   # draws from the seed itself (data/fast_path.py)
+            return self.transform(img, s)
         in_main = get_worker_info() is None
         if in_main:  # keep the main process's RNG streams untouched (num_workers=0)
             states = random.getstate(), np.random.get_state(), torch.get_rng_state()

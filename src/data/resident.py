@@ -58,8 +58,9 @@ class ResidentLoader:
 
 
 def in_memory_images(dataset) -> np.ndarray | torch.Tensor:
-    """The dataset's uint8 ``N × H × W × 3`` array (``dataset.data``), or one clear error line."""
-    data = getattr(dataset, "data", None)
+    """The dataset's uint8 ``N × H × W × 3`` array (``dataset.data``, or read whole by
+    ``dataset.uint8_images()`` for a memory-mapped one such as STL-10), or one clear error line."""
+    data = dataset.uint8_images() if hasattr(dataset, "uint8_images") else getattr(dataset, "data", None)
     ok = data is not None and getattr(data, "ndim", 0) == 4 and data.shape[-1] == 3 and \
         str(data.dtype) in ("uint8", "torch.uint8") and len(getattr(dataset, "targets", ())) == len(data)
     if not ok:

@@ -100,5 +100,11 @@ class Stl10Dataset(ImageDataset):
             index -= n
         raise IndexError(index)
 
+    def uint8_images(self) -> np.ndarray:
+        """The whole split as one ``N × 96 × 96 × 3`` uint8 array in memory (row-major, upright), for the
+        GPU-resident path (``--data_on_device``): train + unlabeled is 105,000 images, 2.9 GB."""
+        arrays = [np.fromfile(p, dtype=np.uint8).reshape(n, 3, SIDE, SIDE).transpose(0, 3, 2, 1) for p, n in self._parts]
+        return np.ascontiguousarray(np.concatenate(arrays) if len(arrays) > 1 else arrays[0])
+
     def _load(self, index: int):
         return Image.fromarray(self.image_array(index)), self.targets[index]

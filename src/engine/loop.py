@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed as D
 from ..checkpoint import save_atomic
+from ..data import fast_path
 from ..data.datasets import EpochSampler, augmentation_seed, collate_crops
 from ..data.device_transforms import BatchTransform
 from ..data.resident import resident_loader
@@ -67,6 +68,7 @@ class EngineConfig:
     requeue: bool = False          # after a stop by signal under SLURM: `scontrol requeue $SLURM_JOB_ID`
     save_frozen: bool = False      # keep frozen modules (a DisCo teacher) in the checkpoints
     data_on_device: bool = False   # in-memory dataset resident on the device, augmented there (data/resident.py)
+    fast_aug: str = "auto"         # auto|on|off: workers crop, the device does the rest (data/fast_path.py)
 
 
 class Trainer:
@@ -86,6 +88,8 @@ class Trainer:
         if cfg.data_on_device:  # no workers: the uint8 dataset lives on the device, augmented there per batch
             self.loader = resident_loader(train_set, self.sampler, cfg.batch_size, self.device)
         else:
+            if self.batch_transform is None:  # workers crop and flip; the colour ops run batched on the device
+                self.batch_transform = fast_path.install(train_set, cfg.fast_aug, self.device)
             self.loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=self.sampler,
                                      num_workers=cfg.workers, pin_memory=cuda, drop_last=True,
                                      persistent_workers=cfg.workers > 0, collate_fn=collate_crops,

@@ -13,7 +13,8 @@ with the CLI value. LARS; per-epoch warmup then cosine to init_lr·lr_final/lr; 
 not scaled. Checkpoints ``checkpoint_best.pth.tar`` (every epoch: the latest) and
 ``checkpoint_{epoch:04d}.pth.tar`` (epoch % 10 == 9) with keys ``epoch arch best_acc knn_acc
 state_dict optimizer Memory_Bank`` (+ ours) go to ``<cwd>/<log_path>/<official sub-path>``
-(``--output_dir`` overrides); a rerun resumes from ``checkpoint_best.pth.tar`` there and skips ad_init.
+(``--output_dir`` overrides); a rerun resumes from ``checkpoint_best.pth.tar`` there and skips ad_init (a
+stop inside ad_init writes ``checkpoint_interrupted.pth.tar``, from which the rerun continues ad_init).
 """
 from __future__ import annotations
 

@@ -254,9 +254,14 @@ class FakeContext:
         self.opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.0)
         self.steps, self.keys = 0, []
 
-    def batches(self, epoch=0):
-        for i in range(self.n):
+    warmup_state = None
+
+    def batches(self, epoch=0, start=0):
+        for i in range(start, self.n):
             yield crops(2, self.B, seed=i), torch.zeros(self.B), torch.arange(self.B)
+
+    def stop_point(self, next_iter, state):
+        pass
 
     def forward(self, c, index, **kw):
         return self.method(c, index, **kw)

@@ -29,7 +29,13 @@ class StepInfo:
 
 
 class StopRequested(Exception):
-    """Raised inside a long phase (warm-up steps, kNN monitor) when a stop signal was received."""
+    """Raised inside a long phase (warm-up steps, kNN monitor, E-step) when a stop signal was received.
+    ``state``: set by :meth:`FitContext.stop_point` inside ``on_fresh_start``, what the warm-up needs to
+    continue; the engine saves it in the checkpoint under ``warmup``."""
+
+    def __init__(self, state: dict | None = None):
+        super().__init__()
+        self.state = state
 
 
 class FitContext:
@@ -49,8 +55,16 @@ class FitContext:
 
     @property
     def resumed(self) -> bool:
-        """The run continues from a checkpoint (no fresh-start phase)."""
+        """The run continues from a checkpoint (no fresh-start phase, unless the checkpoint was written
+        inside it: :attr:`warmup_state`)."""
         return self._t.resumed_from is not None
+
+    @property
+    def warmup_state(self) -> dict | None:
+        """In ``on_fresh_start`` of a run resumed from a checkpoint written inside it: the ``state`` given
+        to the :meth:`stop_point` that stopped, with ``"iter"`` (warm-up iterations done, counted in this
+        run's batches); None otherwise."""
+        return self._t.warmup_state
 
     @property
     def resumed_mid_epoch(self) -> bool:
@@ -62,10 +76,12 @@ class FitContext:
     def epoch_len(self) -> int:
         return self._t.epoch_len
 
-    def batches(self, epoch: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int = 0,
+                start: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
         """``(crops on device, target, index)`` of the training loader for ``epoch``, in the
-        engine's seeded order, with the device-side batch transform applied."""
-        return self._t.iterate_batches(epoch)
+        engine's seeded order, with the device-side batch transform applied, from batch ``start``
+        (``warmup_state["iter"]`` after a resume: the first batch the stopped run had not seen)."""
+        return self._t.iterate_batches(epoch, start)
 
     def forward(self, crops: list[torch.Tensor], index: torch.Tensor, **kw) -> dict:
         """The (DDP-wrapped) method forward: gradients are synchronised like a training step's."""
@@ -73,12 +89,18 @@ class FitContext:
 
     def step(self, loss_fn: Callable[[], dict], lr: float, iteration: int) -> tuple[dict, StepInfo]:
         """The engine's own optimisation step (lr, autocast, scaled backward, unscale,
-        ``before_optimizer_step``, optimizer step, scaler update). Polls the stop signal like the
-        training loop and raises :class:`StopRequested` when one arrived."""
-        out, info = self._t.step(loss_fn, lr, self.epoch, iteration, iteration)
-        if self._t.stop.due(iteration) and self._t.stop.poll():
-            raise StopRequested()
-        return out, info
+        ``before_optimizer_step``, optimizer step, scaler update). It does not poll the stop signal:
+        the method calls :meth:`stop_point` once its own state is complete for the iteration."""
+        return self._t.step(loss_fn, lr, self.epoch, iteration, iteration)
+
+    def stop_point(self, next_iter: int, state: dict) -> None:
+        """A point of the warm-up (``on_fresh_start``) where the method's state is complete after
+        ``next_iter`` iterations. Collective: polls the stop signal every ``--stop_check_every``
+        iterations, like the training loop; on a stop raises :class:`StopRequested` carrying
+        ``{**state, "iter": next_iter}`` (plain values). The engine checkpoints the run with it, and the
+        resumed run calls ``on_fresh_start`` again with :attr:`warmup_state` set to it."""
+        if self._t.stop.due(next_iter - 1) and self._t.stop.poll():
+            raise StopRequested({**state, "iter": next_iter})
 
     def log(self, metrics: dict[str, float], prefix: str = "warmup/") -> None:
         self._t.logger.write(metrics, step=int(metrics.get("iter", 0)), prefix=prefix)

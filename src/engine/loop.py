@@ -1,12 +1,14 @@
 """The one training loop all ``main_*.py`` share.
 
-``fit()``: resume (decided by rank 0) → ``on_fresh_start`` (runs that did not resume) → per epoch:
+``fit()``: resume (decided by rank 0) → ``on_fresh_start`` (runs that did not resume, or resumed inside
+it) → per epoch:
 ``on_epoch_start`` → iterations → kNN monitor → logs → checkpoint. Per iteration: batch to the
 device (``data_on_device``: gathered from the resident dataset and augmented there instead,
 :mod:`src.data.resident`) → optional device-side batch transform → :class:`TrainStep` (lr, autocast, scaled backward,
 ``before_optimizer_step``, step) → ``after_step(StepInfo)``. Stop signals are polled every
-``stop_check_every`` steps, at every epoch end, inside the monitor and inside ``on_epoch_start``
-(a hook raising :class:`StopRequested`); a stop writes a checkpoint that resumes exactly.
+``stop_check_every`` steps, at every epoch end, inside the monitor, inside ``on_epoch_start``
+(a hook raising :class:`StopRequested`) and at the warm-up's ``FitContext.stop_point``; a stop writes a
+checkpoint that resumes exactly (a warm-up's under the key ``warmup``: its position and the method's state).
 """
 from __future__ import annotations
 
@@ -120,6 +122,8 @@ class Trainer:
         self.consumed = 0            # positions of the start epoch's permutation already read
         self.resumed_from: str | None = None
         self.last_checkpoint: str | None = None
+        self.warmup_state: dict | None = None   # resumed inside on_fresh_start: where it stopped (FitContext)
+        self._warmup_consumed = 0    # images of the warm-up's epoch the stopped run had read (all ranks)
 
     @staticmethod
     def _freeze(method: ContrastiveMethod, optimizer: torch.optim.Optimizer) -> None:
@@ -157,10 +161,10 @@ class Trainer:
                        f"the previous checkpoint ({self.last_checkpoint or 'none'}) is intact")
         D.agree(not err, err)
 
-    def save_interrupted(self, epoch: int, next_iter: int) -> str:
+    def save_interrupted(self, epoch: int, next_iter: int, **extra) -> str:
         path = os.path.join(self.cfg.checkpoint.directory, self.cfg.checkpoint.interrupted_name)
         def write() -> str:
-            save_atomic(self.state(epoch, next_iter), path)
+            save_atomic({**self.state(epoch, next_iter), **extra}, path)
             return path
         self._write(write, f"at epoch {epoch} iteration {next_iter}")
         return path
@@ -186,8 +190,14 @@ class Trainer:
                             old_w, old_b, self.info.world_size, self.cfg.batch_size,
                             max(self.sampler.total_size - self.consumed, 0), plan.epoch, self.start_iter)
         self.resumed_from = self.last_checkpoint = plan.path
+        warm = ckpt.get("warmup") if isinstance(ckpt, dict) else None
+        if isinstance(warm, dict) and "iter" in warm:   # stopped inside on_fresh_start: it continues
+            old = (plan.batch_size or self.cfg.batch_size) * (plan.world_size or self.info.world_size)
+            self._warmup_consumed = int(warm["iter"]) * old
+            self.warmup_state = {**warm, "iter": self._warmup_consumed // (self.cfg.batch_size * self.info.world_size)}
         log.info("resumed from %s at epoch %d%s", plan.path, self.start_epoch,
-                 f" iteration {plan.iter}" if plan.iter else "")
+                 f" iteration {plan.iter}" if plan.iter else
+                 f", inside the warm-up after {self._warmup_consumed} images" if self.warmup_state else "")
 
     # ------------------------------------------------------------------ data
     def to_device(self, crops, index: torch.Tensor, epoch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -199,8 +209,12 @@ class Trainer:
             crops = self.batch_transform(crops, augmentation_seed(self.cfg.seed, epoch, index))
         return crops, index
 
-    def iterate_batches(self, epoch: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
-        self.sampler.set_epoch(epoch)
+    def iterate_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor,
+                                                                            torch.Tensor]]:
+        consumed = start * self.cfg.batch_size * self.info.world_size
+        if self.warmup_state is not None and start == self.warmup_state["iter"]:
+            consumed = self._warmup_consumed   # exact also when the stopped run had other processes / batch
+        self.sampler.set_epoch(epoch, consumed)
         for crops, target, index in self.loader:
             crops, index = self.to_device(crops, index, epoch)
             yield crops, target, index
@@ -212,14 +226,10 @@ class Trainer:
         last: dict[str, float] = {}
         try:
             with self.stop:
-                if self.resumed_from is None:
-                    try:
-                        self.method.on_fresh_start(ctx)
-                    except StopRequested:
-                        log.warning("stopped during the fresh-start phase: nothing to resume, the next run "
-                                    "starts from scratch")
-                        return {"interrupted": 1.0}
-                for epoch in range(self.start_epoch, self.cfg.epochs):
+                if self.resumed_from is None or self.warmup_state is not None:
+                    last = self._fresh_start(ctx)
+                first = self.cfg.epochs if last.get("interrupted") else self.start_epoch  # stopped in the warm-up
+                for epoch in range(first, self.cfg.epochs):
                     ctx.epoch = epoch
                     start_it = self.start_iter if epoch == self.start_epoch else 0
                     self.sampler.set_epoch(epoch, self.consumed if epoch == self.start_epoch else 0)
@@ -249,6 +259,27 @@ class Trainer:
         if last.get("interrupted") and self.cfg.requeue and self.info.is_main:
             requeue_slurm_job()
         return last
+
+    def _fresh_start(self, ctx: FitContext) -> dict[str, float]:
+        """``on_fresh_start`` (a fresh run, or one resumed inside it). A stop at a ``FitContext.stop_point``,
+        where the method's state is complete, writes a checkpoint (epoch ``start_epoch``, iteration 0)
+        holding it and, under ``warmup``, the state the stop point carried (the warm-up's position and
+        what the method needs to continue it)."""
+        try:
+            self.method.on_fresh_start(ctx)
+            return {}
+        except StopRequested as e:
+            state = e.state
+        finally:
+            self.warmup_state = None
+        if state is None:  # raised elsewhere in the hook: nothing new to save
+            where = f"resumes from {self.last_checkpoint}" if self.last_checkpoint else "starts from scratch"
+            log.warning("stopped during the fresh-start phase outside a stop point: the next run %s", where)
+            return {"interrupted": 1.0}
+        path = self.save_interrupted(self.start_epoch - 1, 0, warmup=state)
+        log.warning("stopped in the warm-up after %d iterations (checkpoint %s); run the same command again to "
+                    "continue it", state["iter"], path)
+        return {"interrupted": 1.0, "warmup_iter": float(state["iter"])}
 
     def _stopped_at_epoch_start(self, epoch: int, start_it: int) -> dict[str, float]:
         """A stop inside ``on_epoch_start`` (PCL's E-step): the method's state is still that of the

@@ -43,7 +43,7 @@ class Headless(nn.Module):
 class ContrastiveMethod(nn.Module):
     """The engine's hooks, all no-ops by default. Subclasses set ``self.arch`` and ``self.encoder_q``.
 
-    Order within a run: ``on_fresh_start`` (only when the run did not resume) → per epoch
+    Order within a run: ``on_fresh_start`` (only when the run did not resume, or stopped inside it) → per epoch
     ``on_epoch_start`` → per step ``forward`` → backward → ``before_optimizer_step`` →
     ``optimizer.step`` → ``after_step``."""
 
@@ -52,7 +52,9 @@ class ContrastiveMethod(nn.Module):
 
     def on_fresh_start(self, ctx: "FitContext") -> None:
         """Before the first epoch of a run that did not resume (CaCo's ``--ad_init`` warm-up,
-        through ``ctx.step`` so AMP, the lr and the logging are the engine's)."""
+        through ``ctx.step`` so AMP, the lr and the logging are the engine's). Resumable: after each
+        iteration the hook calls ``ctx.stop_point(next_iter, state)``; a stop there checkpoints the run
+        and the resumed run calls the hook again with ``ctx.warmup_state`` (that ``state`` + ``iter``)."""
 
     def on_epoch_start(self, epoch: int, ctx: "FitContext | None" = None) -> None:
         """Before every epoch, also the first after a resume. When a run resumes in the middle of

@@ -203,11 +203,17 @@ class CaCo(ContrastiveMethod):
     def on_fresh_start(self, ctx: Any) -> None:
         """``--ad_init 1`` (B1): MoCo-style steps at lr = init_lr against the current memory, each
         writing its gathered momentum keys into the next column block of W, until K columns are
-        filled; then θ_k ← θ_q. Runs through the engine's own step (AMP, logging)."""
+        filled; then θ_k ← θ_q. Runs through the engine's own step (AMP, logging).
+
+        Resumable (not in the official code, which has no state to resume it from): after each
+        iteration's keys are written, ``ctx.stop_point`` may stop the run; the checkpoint then holds
+        the encoders, optimiser, W and, under ``warmup``, the iteration and the fill count, and the
+        resumed run continues at the next unseen batch (``ctx.warmup_state``)."""
         if not self.ad_init:
             return
-        filled = 0
-        for i, (crops, _, index) in enumerate(ctx.batches(0)):
+        resumed = ctx.warmup_state or {}
+        start, filled = int(resumed.get("iter", 0)), int(resumed.get("filled", 0))
+        for i, (crops, _, index) in enumerate(ctx.batches(0, start=start), start=start):
             out, _ = ctx.step(lambda c=crops, ix=index: ctx.forward(c, ix, phase="ad_init"), lr=self.ad_init_lr,
                               iteration=i)
             keys, self._init_keys = self._init_keys, None
@@ -215,6 +221,7 @@ class CaCo(ContrastiveMethod):
             ctx.log({"iter": i, "loss": float(out["loss"]), "acc1": float(out["acc1"]), "ad_init_filled": filled})
             if filled >= self.K:
                 break
+            ctx.stop_point(i + 1, {"filled": filled})
         if filled < self.K:
             raise UserError(f"--ad_init filled only {filled} of the {self.K} memory columns in one epoch: "
                             "lower --cluster or use --ad_init 0")

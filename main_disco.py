@@ -133,7 +133,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=CheckpointPolicy(out),
                         method_name="disco" if args.distill == "mse" else "disco_rkd", workers=workers)
     cfg.save_frozen = args.save_teacher
-    knn = knn_monitor(args, args.data)
+    knn = knn_monitor(args, args.data, workers=workers)
     sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.lr_warning("disco", args.lr, batch * info.world_size, "--lr, not scaled"),
                   sanity.image_size_warning(train_set, args.image_size, "--image_size", "training crops"),

@@ -89,7 +89,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     log.info("crops %s at %s px | pairing %s | sync BN: %s | queue 2 x %d x %d | LORAC beta %s from epoch %d, "
              "temperature after the switch: %s", args.nmb_crops, args.size_crops, pairing, sync, args.moco_dim,
              args.moco_k, args.lorac_beta, args.epoch_lorac_starts, args.lorac_use_temperature)
-    knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD) if args.knn_freq else None
+    knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD,
+                      workers=args.workers) if args.knn_freq else None
     sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.warmup_warning(args.warmup_epochs, args.epochs),
                   sanity.lr_warning("lorac", args.base_lr, args.batch_size * info.world_size, "--base_lr"),

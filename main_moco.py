@@ -81,7 +81,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
                 "cosine per epoch" if args.cos else f"x0.1 at epochs {args.schedule}")
     if info.is_main:
         save_args(args, out)
-    knn = knn_monitor(args, args.data)
+    knn = knn_monitor(args, args.data, workers=workers)
     sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.lr_warning("moco", args.lr, batch * info.world_size, "--lr, not scaled"),
                   sanity.image_size_warning(train_set, args.image_size, "--image_size", "training crops"),

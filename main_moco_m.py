@@ -78,7 +78,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
                 f"cosine per iteration, {args.warmup_epochs} warmup epochs from {args.start_warmup}")
     log.info("crops %s at %s px | pairing %s | sync BN: %s | queue 2 x %d x %d", args.nmb_crops, args.size_crops,
              args.mocom_query_exclude, sync, args.moco_dim, args.moco_k)
-    knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD) if args.knn_freq else None
+    knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD,
+                      workers=args.workers) if args.knn_freq else None
     sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.warmup_warning(args.warmup_epochs, args.epochs),
                   sanity.lr_warning("mocom", args.base_lr, args.batch_size * info.world_size, "--base_lr"),

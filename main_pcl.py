@@ -86,7 +86,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
         save_args(args, out)
     policy = CheckpointPolicy(out, should_save=lambda e, n: (e + 1) % 5 == 0)
     cfg = engine_config(args, batch_size=batch, output_dir=out, checkpoint=policy, method_name="pcl", workers=workers)
-    knn = knn_monitor(args, args.data)
+    knn = knn_monitor(args, args.data, workers=workers)
     sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.lr_warning("pcl", args.lr, batch * info.world_size, "--lr, not scaled"),
                   sanity.image_size_warning(train_set, args.image_size, "--image_size", "training crops"),

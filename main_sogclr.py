@@ -121,18 +121,19 @@ def should_save(epoch: int, epochs: int) -> bool:
     return epoch % 10 == 0 or epochs - epoch < 3
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[ImageDataset, KnnMonitor | None]:
+def build_datasets(args: argparse.Namespace, workers: int = 4) -> tuple[ImageDataset, KnnMonitor | None]:
     num_classes = DATA_NAMES[args.data_name]
     aug = TwoCropsTransform(sogclr_augmentation(args.image_size, args.crop_min,
                                                 **small.aug_kwargs(args, min_scale=False)))
     if small.is_small_dataset(args):
-        return small.pretraining_set(args, args.data, aug), knn_monitor(args, args.data)
+        return small.pretraining_set(args, args.data, aug), knn_monitor(args, args.data, workers=workers)
     tdir = train_dir(args.data)
     if args.train_list:
         train_set = ImageDataset(tdir, aug, file_list=args.train_list, seed=args.data_seed)
     else:
         train_set = ImageDataset(tdir, aug, num_classes=num_classes, seed=args.data_seed)
-    knn = knn_monitor(args, args.data, num_classes=num_classes, train_list=args.train_list, val_list=args.val_list)
+    knn = knn_monitor(args, args.data, num_classes=num_classes, train_list=args.train_list, val_list=args.val_list,
+                      workers=workers)
     return train_set, knn
 
 
@@ -143,7 +144,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {info.world_size} processes")
     batch = args.batch_size // info.world_size
     workers = workers_per_process(args.workers, info)
-    train_set, knn = build_datasets(args)
+    train_set, knn = build_datasets(args, workers)
     seed_everything(args.seed if args.seed is not None else INIT_SEED)
     if args.seed is not None:
         torch.backends.cudnn.deterministic = True

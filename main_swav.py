@@ -145,7 +145,8 @@ def fit(info: D.DistInfo, args: argparse.Namespace, out: str, method: SwAV, name
              args.nmb_crops, args.size_crops, args.crops_for_assign, args.nmb_prototypes, args.feat_dim,
              args.temperature, args.epsilon, args.sinkhorn_iterations, q, q // info.world_size,
              args.epoch_queue_starts, args.freeze_prototypes_niters, sync, described)
-    knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD) if args.knn_freq else None
+    knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD,
+                      workers=args.workers) if args.knn_freq else None
     sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.warmup_warning(args.warmup_epochs, args.epochs),
                   sanity.image_size_warning(train_set, max(args.size_crops), "--size_crops", "training crops"),

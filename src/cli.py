@@ -170,7 +170,8 @@ def knn_monitor(args: argparse.Namespace, data_root: str, std=None, num_classes:
                 pick_first: float | None = None, **monitor_kw) -> KnnMonitor | None:
     """The kNN monitor: bank = ``<data>/train`` (eval transform), queries = ``<data>/val``, each
     optionally restricted to the first ``num_classes`` folders or to a file list; ``pick_first``
-    keeps the first fraction of every bank class (CaCo: 0.2). With ``--dataset cifar10|cifar100|stl10``
+    keeps the first fraction of every bank class (CaCo: 0.2); ``workers``: the training loader's
+    workers of one process (each script passes its own, so ``-j 0`` means no worker here too). With ``--dataset cifar10|cifar100|stl10``
     the bank is the train split and the queries the test split (the small-image preset's eval
     transform). ``monitor_kw`` (``schedule``, ``check``, ``batch_size`` per process, default
     ``--knn_batch_size``) go to :class:`KnnMonitor`."""

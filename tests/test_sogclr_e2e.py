@@ -180,7 +180,8 @@ def test_knn_monitor_follows_the_file_lists(tiny_folder, tmp_path):
     tl.write_text("".join(f"train/class_{c:03d}/img_000{i}.png\n" for c in range(3) for i in range(2)))
     vl.write_text("".join(f"val/class_{c:03d}/img_0000.png\n" for c in range(3)))
     base = ["--data", tiny_folder, "--train_list", str(tl), "--knn_freq", "1", "--image_size", "16"]
-    ds, knn = main_sogclr.build_datasets(main_sogclr.get_parser().parse_args(base + ["--val_list", str(vl)]))
+    ds, knn = main_sogclr.build_datasets(main_sogclr.get_parser().parse_args(base + ["--val_list", str(vl)]), 0)
     assert (len(ds), len(knn.bank), len(knn.queries), knn.num_classes) == (6, 6, 3, 3)
+    assert knn.workers == 0   # the training loader's workers (-j 0: none in the monitor either)
     with pytest.raises(Exception, match="needs --val_list"):
         main_sogclr.build_datasets(main_sogclr.get_parser().parse_args(base))

@@ -23,25 +23,19 @@ def _cifar_rows(images: np.ndarray) -> np.ndarray:
 
 
 def write_cifar10(root: str, n_per_batch: int = 4, n_test: int = 8, seed: int = 0) -> dict:
-    """Five train batches of ``n_per_batch`` images and a test batch; returns the images and labels."""
+    """Five train batches of ``n_per_batch`` random images and a test batch, written by the repository's
+    one CIFAR-10 writer (``src.data.cifar.write_cifar10``, whose layout ``test_procedural_data.py`` checks
+    against :func:`_cifar_rows`); returns the images and labels."""
+    from src.data.cifar import write_cifar10 as write
     rng = np.random.default_rng(seed)
-    base = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(base, exist_ok=True)
     out = {"train": ([], []), "test": ([], [])}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for b, name in enumerate(names):
-        n = n_test if name == "test_batch" else n_per_batch
-        imgs = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        labels = [int((b * n + i) % 10) for i in range(n)]
-        with open(os.path.join(base, name), "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"data": _cifar_rows(imgs), b"labels": labels,
-                         b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}, f)
-        split = "test" if name == "test_batch" else "train"
-        out[split][0].append(imgs)
-        out[split][1].extend(labels)
-    with open(os.path.join(base, "batches.meta"), "wb") as f:
-        pickle.dump({b"label_names": [c.encode() for c in CIFAR10_NAMES], b"num_vis": 3072}, f)
-    return {k: (np.concatenate(v[0]), v[1]) for k, v in out.items()}
+    for b in range(6):
+        n = n_test if b == 5 else n_per_batch
+        out["test" if b == 5 else "train"][0].append(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+        out["test" if b == 5 else "train"][1].extend(int((b * n + i) % 10) for i in range(n))
+    out = {k: (np.concatenate(v[0]), v[1]) for k, v in out.items()}
+    write(root, out["train"], out["test"], CIFAR10_NAMES)
+    return out
 
 
 def write_cifar100(root: str, n_train: int = 12, n_test: int = 6, seed: int = 1) -> dict:

@@ -1,4 +1,5 @@
-"""CIFAR-10/100 from torchvision's python-format folders, for pretraining and evaluation alike.
+"""CIFAR-10/100 from torchvision's python-format folders, for pretraining and evaluation alike (and a
+CIFAR-10-format writer for generated data, :func:`write_cifar10`).
 
 Items follow the dataset contract of :mod:`src.data` — ``(crops, target, index)`` with the
 augmentation seeded per (seed, epoch, index) — so the same class feeds ``Trainer`` (give it a
@@ -58,3 +59,30 @@ class CifarDataset(ImageDataset):
 
     def _load(self, index: int):
         return Image.fromarray(self.data[index]), self.targets[index]
+
+
+def cifar_rows(images: np.ndarray) -> np.ndarray:
+    """N×32×32×3 uint8 → N×3072 in CIFAR's order: the red plane, then green, then blue, each row-major."""
+    return np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2)).reshape(len(images), -1)
+
+
+def write_cifar10(root: str, train: tuple[np.ndarray, list], test: tuple[np.ndarray, list],
+                  names: list[str]) -> str:
+    """Write ``(images N×32×32×3 uint8, labels)`` splits as ``<root>/cifar-10-batches-py`` in torchvision's
+    python format: the train images split in order over ``data_batch_1..5`` (pickled dicts with ``b'data'``,
+    ``b'labels'``, ``b'filenames'``, ``b'batch_label'``), ``test_batch``, and ``batches.meta``
+    (``b'label_names'``). Returns the folder."""
+    base = os.path.join(root, CIFAR_FILES["cifar10"][0])
+    os.makedirs(base, exist_ok=True)
+    imgs, labels = train
+    bounds = np.linspace(0, len(imgs), 6).round().astype(int)
+    batches = [(f"data_batch_{b + 1}", imgs[bounds[b]:bounds[b + 1]], labels[bounds[b]:bounds[b + 1]])
+               for b in range(5)] + [("test_batch", test[0], test[1])]
+    for name, x, y in batches:
+        with open(os.path.join(base, name), "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"data": cifar_rows(x), b"labels": [int(v) for v in y],
+                         b"filenames": [f"{name}_{i}.png".encode() for i in range(len(y))]}, f)
+    with open(os.path.join(base, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in names], b"num_vis": 3072,
+                     b"num_cases_per_batch": int(bounds[1])}, f)
+    return base

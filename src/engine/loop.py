@@ -363,6 +363,8 @@ class Trainer:
         m["lr"] = lr
         m["epoch_time_s"] = time.time() - t0
         m["img_per_s"] = n * cfg.batch_size * self.info.world_size / max(m["epoch_time_s"], 1e-9)
+        if self.device.type == "cuda":  # this process's peak so far (lightly's memory column)
+            m["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
         log.info("epoch %d: %s", epoch, " ".join(f"{k} {v:.4g}" for k, v in m.items()))
         return m
 

@@ -50,6 +50,23 @@ def test_worker_half_then_device_half_is_the_device_pipeline():
         assert not torch.equal(crops[0][0], crops[1][0])   # another image seed, another crop
 
 
+def test_worker_crops_resample_as_pil():
+    """A crop that is the whole image (scale 1, the image's own ratio): the worker's uint8 view equals
+    PIL's bilinear resize of the image, flipped when the draw says so, within one grey level."""
+    from torchvision import transforms as T
+    img = Image.fromarray(_picture(32)[:24])                      # 32×24: ratio 4/3
+    t = T.Compose([T.RandomResizedCrop(16, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3)), T.RandomHorizontalFlip()])
+    worker, _ = split_transform(t)
+    pil = torch.from_numpy(np.array(img.resize((16, 16), Image.BILINEAR))).permute(2, 0, 1).int()
+    flips = []
+    for seed in range(8):
+        (v,) = worker(img, seed)
+        flipped = (v.int() - pil.flip(-1)).abs().max() <= 1
+        assert flipped or (v.int() - pil).abs().max() <= 1
+        flips.append(bool(flipped))
+    assert 0 < sum(flips) < 8
+
+
 def test_fast_path_matches_the_pil_reference_statistically():
     """The multi-crop preset on one picture: 400 PIL-reference outputs against 400 fast-path outputs
     (global and local views): grayscale fraction near 0.2, and the distributions of per-view mean,

@@ -8,8 +8,10 @@ method (the one its script builds, whatever its preset) is split by
 
 - :class:`WorkerCrops`, the worker half: per image and per view the crop box and the flip drawn from
   the device pipeline's own random numbers (``uniform(augmentation_seed(seed, epoch, index), ·,
-  stream=view)``), applied with torchvision's PIL ``resized_crop`` (bilinear, antialiased — the
-  reference op itself), returned as ``uint8 3×h×w`` tensors (4× less to pin and copy than floats);
+  stream=view)``), applied to the decoded image as one uint8 tensor with torch's antialiased bilinear
+  resampling (PIL's filter, the reference's; equal to PIL's ``crop`` + ``resize`` within one grey
+  level, and 1.5–4× faster thanks to its uint8 SIMD kernels), returned as ``uint8 3×h×w`` tensors
+  (4× less to pin and copy than floats);
 - the device half, the engine's ``batch_transform``: every other op with the same random numbers,
   per image, with the reference's probabilities, ranges and order (the flip commutes with them).
 
@@ -32,8 +34,6 @@ import logging
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
 from ..errors import UserError
 from . import gpu_aug as G
@@ -79,12 +79,12 @@ class WorkerCrops:
             for i, t, left, h, w, f in zip(idx, p["top"].tolist(), p["left"].tolist(), p["height"].tolist(),
                                         p["width"].tolist(), flipped):
                 boxes[i] = (t, left, h, w, f, crop.size)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None]   # 1×3×H×W, HWC in memory
         out = []
         for t, left, h, w, f, size in boxes:
-            v = F.resized_crop(img, t, left, h, w, list(size), InterpolationMode.BILINEAR, antialias=True)
-            if f:
-                v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            out.append(torch.from_numpy(np.array(v, dtype=np.uint8)).permute(2, 0, 1))
+            v = torch.nn.functional.interpolate(x[:, :, t:t + h, left:left + w], size=size, mode="bilinear",
+                                                antialias=True, align_corners=False)[0]
+            out.append(v.flip(-1) if f else v)
         return out
 
     def __repr__(self) -> str:

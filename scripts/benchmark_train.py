@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import importlib
 import logging
 import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -55,6 +53,7 @@ from src.engine import TrainStep  # noqa: E402
 from src.errors import UserError, cli_main  # noqa: E402
 from src.methods.base import Headless  # noqa: E402
 from src.methods.mocom import resolution_groups  # noqa: E402
+from src.timing import peak_memory, release_freed_memory, rss_bytes, timed  # noqa: E402
 
 METHODS = {"moco": "MoCo v2", "mocom": "MoCo-M", "lorac": "LORAC", "sogclr": "SogCLR", "caco": "CaCo",
            "disco": "DisCo", "swav": "SwAV", "pcl": "PCL v2"}
@@ -222,61 +221,6 @@ def backbone_passes(name: str, method, crops: list[torch.Tensor]) -> Callable[[]
 
 
 # ----------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_freed_memory(device: torch.device) -> None:
-    """Free what the previous method left: Python garbage, the CUDA cache, and the heap pages glibc
-    keeps after a free (``malloc_trim``), so that the next RSS baseline counts live memory only."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the baseline may include freed pages (peak underestimated)
-        pass
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device, rss_before: int) -> float:
-    """MB: CUDA max_memory_allocated over two calls of ``fn``; on the CPU the peak RSS sampled every
-    millisecond during them, minus ``rss_before``."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn(), fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak, done = [rss_bytes()], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    fn(), fn()
-    done.set()
-    t.join()
-    return (max(peak[0], rss_bytes()) - rss_before) / 2**20
-
-
 @dataclass
 class Result:
     name: str

@@ -16,7 +16,8 @@ TINY = ["--device", "cpu", "-a", "resnet18", "--image_size", "16", "--batch_size
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_train", os.path.join(ROOT, "scripts", "benchmark_train.py"))
+    path = os.path.join(ROOT, "scripts", "benchmark_train.py")
+    spec = importlib.util.spec_from_file_location("benchmark_train", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["benchmark_train"] = mod   # dataclasses look their module up
     spec.loader.exec_module(mod)

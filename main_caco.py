@@ -196,23 +196,19 @@ def build_knn(args: argparse.Namespace, data: str, method: CaCo, out: str, worke
                        check=collapse_guard(method, out, info, args.knn_collapse_exit))
 
 
-def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
-    out = run_dir(args)
-    setup_logging(out, info.rank)
-    seed_everything(args.seed if args.seed is not None else 0)
-    batch = per_process(args.batch_size, args, info, "--batch_size")
-    workers = workers_per_process(max(args.workers // args.nodes_num, 0), info)
-    global_batch = batch * info.world_size
-    train_set = build_train_set(args)
-    init_lr = args.lr * args.batch_size / 256
+def initial_lr(args: argparse.Namespace) -> float:
+    """B3: init_lr = lr x batch_size / 256 with the command-line batch (per node)."""
+    return args.lr * args.batch_size / 256
+
+
+def build_method(args: argparse.Namespace, info: D.DistInfo):
+    """(method with sync BN on the device, LARS at init_lr, per-epoch schedule); scripts/benchmark_train.py
+    builds the method with this too."""
+    init_lr = initial_lr(args)
     method = CaCo(args.arch, args.moco_dim, args.mlp_dim, args.cluster, args.moco_t, args.mem_t, args.moco_m,
                   bool(args.moco_m_decay), args.mem_momentum, args.memory_lr, args.memory_lr_final, args.epochs,
                   args.warmup_epochs, bool(args.multi_crop), bool(args.ad_init), init_lr, cifar_stem=args.cifar_stem,
                   mem_wd=args.mem_wd if args.apply_mem_wd else 0.0)
-    if args.ad_init and args.cluster > (len(train_set) // global_batch) * global_batch:
-        raise UserError(f"--ad_init 1 fills the --cluster {args.cluster} memory columns with one epoch of "
-                        f"momentum keys, but an epoch has only {(len(train_set) // global_batch) * global_batch} "
-                        f"images at global batch {global_batch}: lower --cluster or use --ad_init 0")
     if args.mem_wd and not args.apply_mem_wd:
         log.info("--mem_wd %g is not applied (as in the official code); --apply_mem_wd applies it", args.mem_wd)
     if info.distributed and info.device.type == "cuda":
@@ -224,7 +220,23 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     # the optimiser state of an official checkpoint loads unchanged
     optimizer = LARS(list(method.encoder_q.parameters()) + list(method.encoder_k.parameters()), init_lr,
                      weight_decay=args.weight_decay, momentum=args.momentum)
-    schedule = CaCoEpochLR(init_lr, args.lr, args.lr_final, args.epochs, args.warmup_epochs)
+    return method, optimizer, CaCoEpochLR(init_lr, args.lr, args.lr_final, args.epochs, args.warmup_epochs)
+
+
+def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
+    out = run_dir(args)
+    setup_logging(out, info.rank)
+    seed_everything(args.seed if args.seed is not None else 0)
+    batch = per_process(args.batch_size, args, info, "--batch_size")
+    workers = workers_per_process(max(args.workers // args.nodes_num, 0), info)
+    global_batch = batch * info.world_size
+    train_set = build_train_set(args)
+    if args.ad_init and args.cluster > (len(train_set) // global_batch) * global_batch:
+        raise UserError(f"--ad_init 1 fills the --cluster {args.cluster} memory columns with one epoch of "
+                        f"momentum keys, but an epoch has only {(len(train_set) // global_batch) * global_batch} "
+                        f"images at global batch {global_batch}: lower --cluster or use --ad_init 0")
+    method, optimizer, schedule = build_method(args, info)
+    init_lr = initial_lr(args)
     print_setup(info, batch, f"batch_size {args.batch_size} per node / nodes_num {args.nodes_num} -> effective global "
                 f"batch {global_batch}; init_lr {args.lr} x {args.batch_size}/256 = {init_lr:.4g}, LARS, memory "
                 f"K={args.cluster} lr {args.memory_lr}->{args.memory_lr_final}, m {args.moco_m}"

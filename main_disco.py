@@ -102,10 +102,23 @@ def check_args(args: argparse.Namespace) -> None:
         args.resume = latest_checkpoint("ckpt") or ""
 
 
-def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
+def build_method(args: argparse.Namespace, info: D.DistInfo, batch: int, teacher, teacher_info: dict):
+    """(method with the frozen ``teacher`` on the device, SGD over the student, lr schedule) for a
+    per-process ``batch``; scripts/benchmark_train.py builds the method with this too."""
     import torch
 
     from src.optim import MoCoEpochLR
+    groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
+    method = DisCo(args.arch, teacher, args.teacher_arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
+                   args.mlp, args.hidden, distill=args.distill, use_mse=args.use_mse, only_mse=args.only_mse,
+                   reduction=args.distill_reduction, weight=args.distill_weight, teacher_bn=args.teacher_bn,
+                   shuffle_groups=groups, cifar_stem=args.cifar_stem, teacher_info=teacher_info).to(info.device)
+    optimizer = torch.optim.SGD(method.trainable_parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    return method, optimizer, MoCoEpochLR(args.lr, args.epochs, args.cos, args.schedule)
+
+
+def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     out = args.output_dir or "."
     setup_logging(out, info.rank)
     seed_everything(args.seed if args.seed is not None else 0)
@@ -113,15 +126,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     workers = workers_per_process(args.workers, info)
     check_queue_divisible(args.moco_k, batch * info.world_size)
     train_set = small.pretraining_set(args, args.data, moco_two_crops(args))
-    groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
     teacher, tinfo = load_teacher(args.teacher, args.teacher_arch, args.moco_dim)
-    method = DisCo(args.arch, teacher, args.teacher_arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
-                   args.mlp, args.hidden, distill=args.distill, use_mse=args.use_mse, only_mse=args.only_mse,
-                   reduction=args.distill_reduction, weight=args.distill_weight, teacher_bn=args.teacher_bn,
-                   shuffle_groups=groups, cifar_stem=args.cifar_stem, teacher_info=tinfo.record()).to(info.device)
-    optimizer = torch.optim.SGD(method.trainable_parameters(), args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    schedule = MoCoEpochLR(args.lr, args.epochs, args.cos, args.schedule)
+    method, optimizer, schedule = build_method(args, info, batch, teacher, tinfo.record())
     what = "RKD" + (" + DisCo MSE" if args.use_mse else "") if args.distill == "rkd" else \
         ("DisCo MSE only" if args.only_mse else "InfoNCE + DisCo MSE")
     print_setup(info, batch, f"lr {args.lr} (not scaled)", "cosine per epoch" if args.cos else f"x0.1 at epochs {args.schedule}")

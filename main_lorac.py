@@ -65,6 +65,24 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_method(args: argparse.Namespace, info: D.DistInfo):
+    """(method with sync BN on the device, LARC, per-iteration cosine); scripts/benchmark_train.py
+    builds the method with this too."""
+    pairing = "lorac" if args.lorac_negatives == "other_plane" else "key_crop"
+    method = MoCoM(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.temperature, args.mlp,
+                   args.nmb_crops, pairing, lorac=True, beta=args.lorac_beta,
+                   epoch_lorac_starts=args.epoch_lorac_starts, lorac_use_temperature=args.lorac_use_temperature,
+                   shuffle_groups=args.shuffle_bn_groups, cifar_stem=args.cifar_stem)
+    sync = convert_sync_bn(method, args.sync_bn, args.syncbn_process_group_size, info.device)
+    method = method.to(info.device)
+    log.info("crops %s at %s px | pairing %s | sync BN: %s | queue 2 x %d x %d | LORAC beta %s from epoch %d, "
+             "temperature after the switch: %s", args.nmb_crops, args.size_crops, pairing, sync, args.moco_dim,
+             args.moco_k, args.lorac_beta, args.epoch_lorac_starts, args.lorac_use_temperature)
+    # apex LARC over SGD(model.parameters()): every parameter, no exclusions (encoder_k never has a grad)
+    optimizer, schedule = larc_with_cosine(method.parameters(), args)
+    return method, optimizer, schedule
+
+
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     out = args.output_dir or args.dump_path
     os.makedirs(out, exist_ok=True)
@@ -75,20 +93,9 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     train_set = multicrop_dataset(args, data_path, args.color_distortion_scale)
     if info.is_main:
         log.info("Building data done with %d images loaded.", len(train_set))
-    pairing = "lorac" if args.lorac_negatives == "other_plane" else "key_crop"
-    method = MoCoM(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.temperature, args.mlp,
-                   args.nmb_crops, pairing, lorac=True, beta=args.lorac_beta,
-                   epoch_lorac_starts=args.epoch_lorac_starts, lorac_use_temperature=args.lorac_use_temperature,
-                   shuffle_groups=args.shuffle_bn_groups, cifar_stem=args.cifar_stem)
-    sync = convert_sync_bn(method, args.sync_bn, args.syncbn_process_group_size, info.device)
-    method = method.to(info.device)
-    # apex LARC over SGD(model.parameters()): every parameter, no exclusions (encoder_k never has a grad)
-    optimizer, schedule = larc_with_cosine(method.parameters(), args)
+    method, optimizer, schedule = build_method(args, info)
     print_setup(info, args.batch_size, f"base_lr {args.base_lr} -> final_lr {args.final_lr} (LARC trust 0.001, not scaled)",
                 f"cosine per iteration, {args.warmup_epochs} warmup epochs from {args.start_warmup}")
-    log.info("crops %s at %s px | pairing %s | sync BN: %s | queue 2 x %d x %d | LORAC beta %s from epoch %d, "
-             "temperature after the switch: %s", args.nmb_crops, args.size_crops, pairing, sync, args.moco_dim,
-             args.moco_k, args.lorac_beta, args.epoch_lorac_starts, args.lorac_use_temperature)
     knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD,
                       workers=args.workers) if args.knn_freq else None
     sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),

@@ -58,6 +58,23 @@ def zero_init_residual(args: argparse.Namespace) -> bool:
     return args.hidden is not None if args.zero_init_residual is None else args.zero_init_residual
 
 
+def build_method(args: argparse.Namespace, info: D.DistInfo, batch: int):
+    """(method on the device, SGD over ``encoder_q``, lr schedule) for a per-process ``batch``; the
+    training-speed benchmark (scripts/benchmark_train.py) builds the method with this too."""
+    import torch
+
+    from src.optim import MoCoEpochLR
+    groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
+    zero_init = zero_init_residual(args)
+    method = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.hidden,
+                  cifar_stem=args.cifar_stem, shuffle_groups=groups, zero_init_residual=zero_init).to(info.device)
+    if zero_init and arch_spec(args.arch).family == "resnet":
+        log.info("ResNet residual blocks start with their last BN weight at 0 (DisCo moco/ init)")
+    optimizer = torch.optim.SGD(method.encoder_q.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    return method, optimizer, MoCoEpochLR(args.lr, args.epochs, args.cos, args.schedule)
+
+
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     out = args.output_dir or "."
     setup_logging(out, info.rank)
@@ -66,17 +83,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     workers = workers_per_process(args.workers, info)
     check_queue_divisible(args.moco_k, batch * info.world_size)
     train_set = small.pretraining_set(args, args.data, moco_two_crops(args))
-    groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
-    zero_init = zero_init_residual(args)
-    method = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.hidden,
-                  cifar_stem=args.cifar_stem, shuffle_groups=groups, zero_init_residual=zero_init).to(info.device)
-    if zero_init and arch_spec(args.arch).family == "resnet":
-        log.info("ResNet residual blocks start with their last BN weight at 0 (DisCo moco/ init)")
-    import torch
-    optimizer = torch.optim.SGD(method.encoder_q.parameters(), args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    from src.optim import MoCoEpochLR
-    schedule = MoCoEpochLR(args.lr, args.epochs, args.cos, args.schedule)
+    method, optimizer, schedule = build_method(args, info, batch)
     print_setup(info, batch, f"lr {args.lr} (not scaled)",
                 "cosine per epoch" if args.cos else f"x0.1 at epochs {args.schedule}")
     if info.is_main:

@@ -57,6 +57,21 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_method(args: argparse.Namespace, info: D.DistInfo):
+    """(method with sync BN on the device, LARC, per-iteration cosine); scripts/benchmark_train.py
+    builds the method with this too."""
+    method = MoCoM(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.temperature, args.mlp,
+                   args.nmb_crops, args.mocom_query_exclude, lorac=False,
+                   shuffle_groups=args.shuffle_bn_groups, cifar_stem=args.cifar_stem)
+    sync = convert_sync_bn(method, args.sync_bn, args.syncbn_process_group_size, info.device)
+    method = method.to(info.device)
+    log.info("crops %s at %s px | pairing %s | sync BN: %s | queue 2 x %d x %d", args.nmb_crops, args.size_crops,
+             args.mocom_query_exclude, sync, args.moco_dim, args.moco_k)
+    # apex LARC over SGD(model.parameters()): every parameter, no exclusions (encoder_k never has a grad)
+    optimizer, schedule = larc_with_cosine(method.parameters(), args)
+    return method, optimizer, schedule
+
+
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     out = args.output_dir or args.dump_path
     os.makedirs(out, exist_ok=True)
@@ -67,17 +82,9 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     train_set = multicrop_dataset(args, data_path, args.color_distortion_scale)
     if info.is_main:
         log.info("Building data done with %d images loaded.", len(train_set))
-    method = MoCoM(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.temperature, args.mlp,
-                   args.nmb_crops, args.mocom_query_exclude, lorac=False,
-                   shuffle_groups=args.shuffle_bn_groups, cifar_stem=args.cifar_stem)
-    sync = convert_sync_bn(method, args.sync_bn, args.syncbn_process_group_size, info.device)
-    method = method.to(info.device)
-    # apex LARC over SGD(model.parameters()): every parameter, no exclusions (encoder_k never has a grad)
-    optimizer, schedule = larc_with_cosine(method.parameters(), args)
+    method, optimizer, schedule = build_method(args, info)
     print_setup(info, args.batch_size, f"base_lr {args.base_lr} -> final_lr {args.final_lr} (LARC trust 0.001, not scaled)",
                 f"cosine per iteration, {args.warmup_epochs} warmup epochs from {args.start_warmup}")
-    log.info("crops %s at %s px | pairing %s | sync BN: %s | queue 2 x %d x %d", args.nmb_crops, args.size_crops,
-             args.mocom_query_exclude, sync, args.moco_dim, args.moco_k)
     knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD,
                       workers=args.workers) if args.knn_freq else None
     sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),

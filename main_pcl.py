@@ -58,6 +58,21 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_method(args: argparse.Namespace, info: D.DistInfo, batch: int, num_samples: int):
+    """(method on the device, SGD over ``encoder_q``, lr schedule) for a per-process ``batch`` and a
+    dataset of ``num_samples`` images; scripts/benchmark_train.py builds the method with this too."""
+    import torch
+
+    from src.optim import MoCoEpochLR
+    groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
+    method = PCL(args.arch, num_samples, parse_num_cluster(args.num_cluster), args.low_dim, args.pcl_r, args.moco_m,
+                 args.temperature, args.mlp, args.warmup_epoch, cifar_stem=args.cifar_stem,
+                 shuffle_groups=groups).to(info.device)
+    optimizer = torch.optim.SGD(method.encoder_q.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    return method, optimizer, MoCoEpochLR(args.lr, args.epochs, args.cos, args.schedule)
+
+
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     out = args.output_dir
     setup_logging(out, info.rank)
@@ -69,15 +84,8 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     train_set = small.pretraining_set(args, args.data, moco_two_crops(args))
     eval_set = small.pretraining_set(args, args.data, small.eval_tf(args))  # same images, same indices (B5)
     check_pcl_setup(args.pcl_r, num_cluster, batch, len(train_set))
-    groups = args.shuffle_bn_groups or default_shuffle_groups(batch)
-    method = PCL(args.arch, len(train_set), num_cluster, args.low_dim, args.pcl_r, args.moco_m, args.temperature,
-                 args.mlp, args.warmup_epoch, cifar_stem=args.cifar_stem, shuffle_groups=groups).to(info.device)
+    method, optimizer, schedule = build_method(args, info, batch, len(train_set))
     method.set_eval_data(eval_set, 5 * batch, workers)
-    import torch
-    optimizer = torch.optim.SGD(method.encoder_q.parameters(), args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    from src.optim import MoCoEpochLR
-    schedule = MoCoEpochLR(args.lr, args.epochs, args.cos, args.schedule)
     print_setup(info, batch, f"lr {args.lr} (not scaled)",
                 "cosine per epoch" if args.cos else f"x0.1 at epochs {args.schedule}")
     log.info("PCL %s: r %d, K %s, warm-up %d epochs, τ %g", "v2" if args.mlp else "v1", args.pcl_r, num_cluster,

@@ -137,20 +137,10 @@ def build_datasets(args: argparse.Namespace, workers: int = 4) -> tuple[ImageDat
     return train_set, knn
 
 
-def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
-    out = run_dir(args)
-    setup_logging(out, info.rank)
-    if args.batch_size % info.world_size:
-        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {info.world_size} processes")
-    batch = args.batch_size // info.world_size
-    workers = workers_per_process(args.workers, info)
-    train_set, knn = build_datasets(args, workers)
-    seed_everything(args.seed if args.seed is not None else INIT_SEED)
-    if args.seed is not None:
-        torch.backends.cudnn.deterministic = True
-    else:
-        torch.backends.cudnn.benchmark = True
-    method = SogCLR(args.arch, len(train_set), args.dim, args.mlp_dim, args.t, args.gamma, args.loss_type,
+def build_method(args: argparse.Namespace, info: D.DistInfo, num_samples: int):
+    """(method with sync BN on the device, LARS or AdamW at the scaled lr, warmup + cosine) for a dataset
+    of ``num_samples`` images; scripts/benchmark_train.py builds the method with this too."""
+    method = SogCLR(args.arch, num_samples, args.dim, args.mlp_dim, args.t, args.gamma, args.loss_type,
                     full_grad=args.full_grad_gather, num_proj_layers=args.num_proj_layers, u_update=args.u_update,
                     cifar_stem=args.cifar_stem)
     if info.distributed and info.device.type == "cuda":
@@ -165,7 +155,24 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
         optimizer = LARS(params, lr, weight_decay=args.weight_decay, momentum=args.momentum)
     else:
         optimizer = torch.optim.AdamW(params, lr, weight_decay=args.weight_decay)
-    schedule = WarmupCosineLR(lr, args.epochs, args.warmup_epochs)
+    return method, optimizer, WarmupCosineLR(lr, args.epochs, args.warmup_epochs)
+
+
+def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
+    out = run_dir(args)
+    setup_logging(out, info.rank)
+    if args.batch_size % info.world_size:
+        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {info.world_size} processes")
+    batch = args.batch_size // info.world_size
+    workers = workers_per_process(args.workers, info)
+    train_set, knn = build_datasets(args, workers)
+    seed_everything(args.seed if args.seed is not None else INIT_SEED)
+    if args.seed is not None:
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+    method, optimizer, schedule = build_method(args, info, len(train_set))
+    lr = scaled_lr(args)
     print_setup(info, batch, f"lr {args.lr} x {args.learning_rate_scaling}(B_g={args.batch_size}) = {lr:.4f}, "
                 f"{args.optimizer}, loss {args.loss_type}, gamma {args.gamma}, N={len(train_set)}",
                 f"warmup {args.warmup_epochs} epochs from 0 then cosine to 0, per iteration")

@@ -127,16 +127,23 @@ def setup(info: D.DistInfo, args: argparse.Namespace) -> str:
     return out
 
 
+def place_and_optimize(method: SwAV, args: argparse.Namespace, info: D.DistInfo):
+    """(method with sync BN on the device, LARC, per-iteration cosine, the sync-BN description);
+    scripts/benchmark_train.py prepares the method with this too."""
+    sync = method.convert_sync_bn(args.sync_bn, args.syncbn_process_group_size, info.device)
+    method = method.to(info.device)
+    # S L171-177: LARC over SGD(model.parameters()), one group, prototypes and BN included (a teacher excluded)
+    optimizer, schedule = larc_with_cosine(method.trainable_parameters(), args)
+    return method, optimizer, schedule, sync
+
+
 def fit(info: D.DistInfo, args: argparse.Namespace, out: str, method: SwAV, name: str, described: str = "") -> None:
     """Data, sync BN, LARC + cosine, checkpoints, kNN monitor and the Trainer: the same for SwAV and DisCo+SwAV."""
     data_path = resolve_data_path(args.data_path, dataset=small.dataset_name(args))
     train_set = multicrop_dataset(args, data_path)
     if info.is_main:
         log.info("Building data done with %d images loaded.", len(train_set))
-    sync = method.convert_sync_bn(args.sync_bn, args.syncbn_process_group_size, info.device)
-    method = method.to(info.device)
-    # S L171-177: LARC over SGD(model.parameters()), one group, prototypes and BN included (a teacher excluded)
-    optimizer, schedule = larc_with_cosine(method.trainable_parameters(), args)
+    method, optimizer, schedule, sync = place_and_optimize(method, args, info)
     print_setup(info, args.batch_size, f"base_lr {args.base_lr} -> final_lr {args.final_lr} (LARC trust 0.001, not scaled)",
                 f"cosine per iteration, {args.warmup_epochs} warmup epochs from {args.start_warmup}")
     q = method.queue_length

@@ -49,9 +49,13 @@ run $TR eval_semi.py -a resnet18 --pretrained "$OUT/moco_ddp/checkpoint_0001.pth
     --fraction 0.5 --class_balanced --epochs 2 -b $B --lr 0.01 --use_fp16 --sync_bn pytorch --dump_path "$OUT/semi" "$OUT/data"
 # data-path benchmark: reference vs fast worker half, and the device half's cost on the GPU
 $PY scripts/benchmark_data.py --images 48 --repeats 3
+# training-step speed of every method (README "Performance"): on GPU ResNet-50 at 224 px, batch 64, fp16,
+# channels_last, PASS/FAIL against the < 10 % outside-backbone target; on the CPU a tiny run of the same code
+if [ "$NGPU" -gt 0 ]; then BT=""; else BT="--image_size 32 --batch_size 8 --warmup 1 --iters 2 --kmeans_images 2000"; fi
+echo "+ scripts/benchmark_train.py $BT"; $PY scripts/benchmark_train.py $BT --csv "$OUT/benchmark_train.csv"
 for f in moco_fp16/checkpoint_0000.pth.tar moco_pil/checkpoint_0000.pth.tar moco_bf16/checkpoint_0000.pth.tar moco_ddp/checkpoint_0001.pth.tar \
          lorac/checkpoint.pth.tar caco/checkpoint_best.pth.tar disco/checkpoint_0000.pth.tar linear/results.json \
-         semi/results.json; do
+         semi/results.json benchmark_train.csv; do
   [ -f "$OUT/$f" ] || { echo "smoke: missing $OUT/$f"; exit 1; }
 done
 ls "$OUT"/sogclr/checkpoint_0001.pth.tar >/dev/null

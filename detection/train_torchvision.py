@@ -28,7 +28,7 @@ import torch
 
 from src import distributed as D
 from src import sanity, zoo
-from src.cli import HelpFormatter
+from src.cli import HelpFormatter, positive_int
 from src.detection import config as C
 from src.detection.data import DetectionDataset, load_dataset, training_records
 from src.detection.model import arch_of, build_detector, pretrained_resnet
@@ -70,6 +70,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_fp16", "--use-fp16", dest="use_fp16", type=D.str2bool, nargs="?", const=True, default=False,
                    help="fp16 autocast + GradScaler on CUDA (same as SOLVER.AMP.ENABLED True; true/false)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--stop_check_every", type=positive_int, default=10,
+                   help="iterations between two polls for a stop signal (SIGTERM/SIGUSR1): the run then writes "
+                        "model_interrupted.pth and the same command resumes it")
     D.add_dist_args(p, dist_url_default="env://")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="config overrides at the end of the command, e.g. SOLVER.MAX_ITER 1000 MODEL.RESNETS.DEPTH 18")
@@ -127,7 +130,7 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     run = Run(cfg, info, model, net, step.optimizer, step, DetectionDataset(train_recs, True, seed, flip), tests, logger,
               out, {"arch": arch, "seed": seed, "cfg": cfg}, start, per_process,
               C.get(cfg, "DATALOADER.NUM_WORKERS"), args.test_batch_size, args.print_freq)
-    with StopSignal(10) as stop:
+    with StopSignal(args.stop_check_every) as stop:
         try:
             args.result = train(run, stop)
         finally:

@@ -260,3 +260,33 @@ def test_voc_records_are_zero_based_and_flips_mirror_the_boxes(tmp_path):
         f.write(b"not a jpeg")
     assert ds[(1, 0)][2] == 2 and ds[(1, 1)][2] == 2 and ds.num_skipped == 1  # flagged once, the next image instead
     assert DetectionDataset(info.records)[1][1] == {"unreadable": True}
+
+
+def test_stop_signal_checkpoints_and_the_same_command_resumes(work, monkeypatch):
+    """SIGUSR1 during iteration 1 (polled every iteration): model_interrupted.pth at iteration 2 and
+    no evaluation; the same command again resumes there and ends with the uninterrupted run's weights."""
+    import signal
+
+    root, first = work
+    cmd = FLAGS + ["--stop_check_every", "1"] + SEED_CMD + SMALL + ["OUTPUT_DIR", "out_sig"]
+    calls = []
+    to_device = T.to_device
+
+    def to_device_and_signal(*a, **kw):   # called once per training iteration
+        calls.append(len(calls))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return to_device(*a, **kw)
+    monkeypatch.setattr(T, "to_device", to_device_and_signal)
+    assert TV.main(cmd) is None
+    out = root / "out_sig"
+    assert torch.load(out / "model_interrupted.pth", weights_only=True)["iteration"] == 2
+    assert (out / "last_checkpoint").read_text() == "model_interrupted.pth" and not (out / "model_final.pth").exists()
+    monkeypatch.setattr(T, "to_device", to_device)
+    res = TV.main(cmd)
+    log = [r for r in jsonl(out / "log.jsonl") if "loss" in r]
+    assert [r["iter"] for r in log] == [0, 1, 2, 3, 4, 5] and calls == [0, 1]
+    a = torch.load(root / "out1" / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert res["voc_2007_test"]["AP"] == pytest.approx(first["voc_2007_test"]["AP"], abs=1e-6)

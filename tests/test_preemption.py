@@ -265,3 +265,38 @@ def test_stop_inside_the_pcl_estep_reruns_it_and_resumes_exactly(tmp_path, tiny_
     main_pcl.main(argv + ["--exp-dir", run])
     a = same_final(ref, run, "checkpoint_0001.pth.tar")
     assert int(a["state_dict"]["module.cluster_epoch"]) == 1
+
+
+def test_stop_inside_pcl_kmeans_is_taken_within_seconds(tmp_path, tiny_folder, monkeypatch):
+    """PCL's k-means (rank 0, minutes at ImageNet scale) stands in as a clustering that would take 120 s:
+    SIGUSR1 as it starts is taken within seconds (rank 0 polls the signal while faiss runs in a helper
+    thread), the clustering is abandoned, the epoch's start checkpointed; the rerun clusters again and
+    ends identical to an uninterrupted run."""
+    import threading
+
+    import main_pcl
+    from src.methods import pcl_cluster
+    argv = ["-a", "resnet18", "--lr", "0.03", "--batch-size", "4", "--temperature", "0.2", "--mlp", "--aug-plus",
+            "--cos", "--epochs", "2", "--warmup-epoch", "1", "--num-cluster", "12,16", "--pcl-r", "4",
+            "--image_size", "32", "-j", "0", "--max_iters", "2", "--low-dim", "16", tiny_folder]
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    main_pcl.main(argv + ["--exp-dir", ref])
+    real, release, fired = pcl_cluster.cluster_all, threading.Event(), {}
+
+    def slow_cluster(*a, **kw):
+        fired["t"] = time.time()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        release.wait(120)
+        raise RuntimeError("the abandoned k-means was waited for")
+    monkeypatch.setattr(pcl_cluster, "cluster_all", slow_cluster)
+    try:
+        main_pcl.main(argv + ["--exp-dir", run])
+    finally:
+        release.set()
+    assert "t" in fired and time.time() - fired["t"] < WITHIN_S
+    ck = interrupted(run)
+    assert (ck["epoch"], ck["iter"]) == (1, 0) and int(ck["state_dict"]["module.cluster_epoch"]) != 1
+    monkeypatch.setattr(pcl_cluster, "cluster_all", real)
+    main_pcl.main(argv + ["--exp-dir", run])
+    a = same_final(ref, run, "checkpoint_0001.pth.tar")
+    assert int(a["state_dict"]["module.cluster_epoch"]) == 1

@@ -108,3 +108,8 @@ class FitContext:
     def should_stop(self) -> bool:
         """Collective: call on every rank at the same point."""
         return self._t.stop.poll()
+
+    def stop_received(self) -> bool:
+        """Local (not collective): whether this process has received a stop signal. For a phase that
+        runs on one rank only (PCL's k-means on rank 0), whose result the ranks then agree on."""
+        return self._t.stop.received is not None

@@ -113,7 +113,8 @@ class PCL(MoCo):
         if ctx is not None and ctx.resumed_mid_epoch and int(self.cluster_epoch) == epoch:
             log.info("epoch %d: resumed mid-epoch, clustering restored from the checkpoint (no E-step)", epoch)
         else:
-            self.e_step(epoch, ctx.should_stop if ctx is not None else None)
+            self.e_step(epoch, ctx.should_stop if ctx is not None else None,
+                        ctx.stop_received if ctx is not None else None)
         self._num_ids = [int(getattr(self, f"num_ids_{i}")) for i in range(len(self.num_cluster))]
 
     @torch.no_grad()
@@ -132,19 +133,27 @@ class PCL(MoCo):
         return feats
 
     @torch.no_grad()
-    def e_step(self, epoch: int, should_stop=None) -> None:
+    def e_step(self, epoch: int, should_stop=None, stop_received=None) -> None:
+        """Features of every image, then k-means on rank 0. ``should_stop`` (collective) is polled in
+        the feature pass, ``stop_received`` (local) during rank 0's k-means; a stop in either raises
+        :class:`~src.engine.hooks.StopRequested` on every rank (the engine checkpoints the epoch's start)."""
         t0 = time.time()
         feats = self.compute_features(should_stop)
         t1 = time.time()
-        results, msg = None, ""
+        results, msg, stopped = None, "", False
         if D.get_rank() == 0:
-            from .pcl_cluster import cluster_all
+            from .pcl_cluster import cluster_or_stop
             dev = feats.device
             try:
-                results = cluster_all(feats.cpu().numpy(), self.num_cluster, self.T,
-                                      gpu=dev.index if dev.type == "cuda" else None, verbose=self.kmeans_verbose)
+                results, stopped = cluster_or_stop(feats.cpu().numpy(), self.num_cluster, self.T,
+                                                   gpu=dev.index if dev.type == "cuda" else None,
+                                                   verbose=self.kmeans_verbose, stop_received=stop_received)
             except UserError as e:
                 msg = str(e)
+        if D.any_rank(stopped):
+            from ..engine.hooks import StopRequested
+            log.warning("epoch %d: k-means abandoned after %.1f s for the stop signal", epoch, time.time() - t1)
+            raise StopRequested()
         D.agree(not msg, msg)
         for i in range(len(self.num_cluster)):
             bufs = self.clustering(i)

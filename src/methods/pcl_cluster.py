@@ -99,3 +99,31 @@ def cluster_all(x: np.ndarray, num_cluster: list[int], tau: float, gpu: int | No
         phi = concentration(km.dist, km.assign, k, tau)
         out.append((km.assign, normalize_rows(km.centroids), phi))
     return out
+
+
+def cluster_or_stop(x: np.ndarray, num_cluster: list[int], tau: float, gpu: int | None = None,
+                    verbose: bool = False, stop_received=None, poll_s: float = 0.2):
+    """:func:`cluster_all` in a helper thread (faiss releases the GIL) while this thread polls the
+    local ``stop_received()`` every ``poll_s`` seconds: a k-means of ImageNet size takes minutes, and
+    a stop signal must checkpoint within seconds. Returns ``(results, False)``, or ``(None, True)``
+    when a stop was received first: the clustering is abandoned (its daemon thread ends with the
+    process) and redone from the epoch's start on resume."""
+    import threading
+    if stop_received is None:
+        return cluster_all(x, num_cluster, tau, gpu, verbose), False
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["out"] = cluster_all(x, num_cluster, tau, gpu, verbose)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            box["err"] = e
+    worker = threading.Thread(target=run, name="pcl-kmeans", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(poll_s)
+        if worker.is_alive() and stop_received():
+            return None, True
+    if "err" in box:
+        raise box["err"]
+    return box["out"], False

@@ -113,8 +113,7 @@ class PCL(MoCo):
         if ctx is not None and ctx.resumed_mid_epoch and int(self.cluster_epoch) == epoch:
             log.info("epoch %d: resumed mid-epoch, clustering restored from the checkpoint (no E-step)", epoch)
         else:
-            self.e_step(epoch, ctx.should_stop if ctx is not None else None,
-                        ctx.stop_received if ctx is not None else None)
+            self.e_step(epoch, getattr(ctx, "should_stop", None), getattr(ctx, "stop_received", None))
         self._num_ids = [int(getattr(self, f"num_ids_{i}")) for i in range(len(self.num_cluster))]
 
     @torch.no_grad()

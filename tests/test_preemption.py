@@ -242,6 +242,11 @@ def test_stop_inside_the_knn_monitor_resumes_exactly(tmp_path, tiny_folder, monk
     assert knn == [(e, r["knn_top1"]) for r in rows(ref) if "knn_top1" in r for e in [r["epoch"]] if e == 1]
 
 
+PCL_ARGV = ["-a", "resnet18", "--lr", "0.03", "--batch-size", "4", "--temperature", "0.2", "--mlp", "--aug-plus",
+            "--cos", "--epochs", "2", "--warmup-epoch", "1", "--num-cluster", "12,16", "--pcl-r", "4",
+            "--image_size", "32", "-j", "0", "--max_iters", "2", "--low-dim", "16"]
+
+
 def test_stop_inside_the_pcl_estep_reruns_it_and_resumes_exactly(tmp_path, tiny_folder, monkeypatch):
     """main_pcl, warm-up epoch 0, E-step before epoch 1. SIGUSR1 as the E-step's feature pass starts
     (polled every batch here): checkpoint (epoch 1, iteration 0) without a clustering; the rerun does
@@ -250,9 +255,7 @@ def test_stop_inside_the_pcl_estep_reruns_it_and_resumes_exactly(tmp_path, tiny_
     from src.eval import features
     from src.methods.pcl import PCL
     monkeypatch.setattr(features, "STOP_POLL_EVERY", 1)
-    argv = ["-a", "resnet18", "--lr", "0.03", "--batch-size", "4", "--temperature", "0.2", "--mlp", "--aug-plus",
-            "--cos", "--epochs", "2", "--warmup-epoch", "1", "--num-cluster", "12,16", "--pcl-r", "4",
-            "--image_size", "32", "-j", "0", "--max_iters", "2", "--low-dim", "16", tiny_folder]
+    argv = [*PCL_ARGV, tiny_folder]
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
     main_pcl.main(argv + ["--exp-dir", ref])
     Firing = firing(PCL, "compute_features", 1)
@@ -276,9 +279,7 @@ def test_stop_inside_pcl_kmeans_is_taken_within_seconds(tmp_path, tiny_folder, m
 
     import main_pcl
     from src.methods import pcl_cluster
-    argv = ["-a", "resnet18", "--lr", "0.03", "--batch-size", "4", "--temperature", "0.2", "--mlp", "--aug-plus",
-            "--cos", "--epochs", "2", "--warmup-epoch", "1", "--num-cluster", "12,16", "--pcl-r", "4",
-            "--image_size", "32", "-j", "0", "--max_iters", "2", "--low-dim", "16", tiny_folder]
+    argv = [*PCL_ARGV, tiny_folder]
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
     main_pcl.main(argv + ["--exp-dir", ref])
     real, release, fired = pcl_cluster.cluster_all, threading.Event(), {}

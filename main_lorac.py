@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
-import torch
-
+import main_moco_m
 from src import distributed as D
 from src import sanity
-from src.cli import HelpFormatter, add_engine_args, engine_config, knn_monitor, prepare_data, print_setup
+from src.cli import HelpFormatter, add_engine_args, prepare_data
 from src.data import small
-from src.data.transforms import SWAV_STD
-from src.engine import Trainer, seed_everything
 from src.errors import cli_main
-from src.logger import save_args, setup_logging
 from src.methods.mocom import MoCoM, convert_sync_bn
 from src.models.backbones import arch_spec
-from src.models.queue import check_queue_divisible
 from src.multicrop import (add_larc_args, add_moco_args, add_multicrop_data_args, add_run_args, check_mocom_args,
-                           knn_root,
-                           larc_with_cosine, multicrop_dataset, resolve_data_path, swav_checkpoint_policy)
+                           larc_with_cosine, resolve_data_path)
 
 log = logging.getLogger("ssl")
 
@@ -84,32 +77,7 @@ def build_method(args: argparse.Namespace, info: D.DistInfo):
 
 
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
-    out = args.output_dir or args.dump_path
-    os.makedirs(out, exist_ok=True)
-    setup_logging(out, info.rank)
-    seed_everything(args.seed)
-    check_queue_divisible(args.moco_k, args.batch_size * info.world_size)
-    data_path = resolve_data_path(args.data_path, dataset=small.dataset_name(args))
-    train_set = multicrop_dataset(args, data_path, args.color_distortion_scale)
-    if info.is_main:
-        log.info("Building data done with %d images loaded.", len(train_set))
-    method, optimizer, schedule = build_method(args, info)
-    print_setup(info, args.batch_size, f"base_lr {args.base_lr} -> final_lr {args.final_lr} (LARC trust 0.001, not scaled)",
-                f"cosine per iteration, {args.warmup_epochs} warmup epochs from {args.start_warmup}")
-    knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD,
-                      workers=args.workers) if args.knn_freq else None
-    sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
-                  sanity.warmup_warning(args.warmup_epochs, args.epochs),
-                  sanity.lr_warning("lorac", args.base_lr, args.batch_size * info.world_size, "--base_lr"),
-                  sanity.image_size_warning(train_set, max(args.size_crops), "--size_crops", "training crops"),
-                  sanity.knn_image_size_warning(knn, args.image_size))
-    if info.is_main:
-        save_args(args, out)
-    cfg = engine_config(args, batch_size=args.batch_size, output_dir=out,
-                        checkpoint=swav_checkpoint_policy(out, args.checkpoint_freq), method_name="lorac",
-                        workers=args.workers)
-    torch.backends.cudnn.benchmark = True
-    Trainer(method, optimizer, schedule, train_set, cfg, info, knn).fit()
+    main_moco_m.fit(info, args, "lorac", build_method)
 
 
 @cli_main

@@ -73,6 +73,12 @@ def build_method(args: argparse.Namespace, info: D.DistInfo):
 
 
 def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
+    fit(info, args, "mocom", build_method)
+
+
+def fit(info: D.DistInfo, args: argparse.Namespace, name: str, build) -> None:
+    """Data, ``build(args, info)`` → (method, optimizer, schedule), kNN monitor and engine: MoCo-M's run,
+    and LORAC's (``main_lorac.py`` passes its own name and builder)."""
     out = args.output_dir or args.dump_path
     os.makedirs(out, exist_ok=True)
     setup_logging(out, info.rank)
@@ -82,20 +88,20 @@ def main_worker(info: D.DistInfo, args: argparse.Namespace) -> None:
     train_set = multicrop_dataset(args, data_path, args.color_distortion_scale)
     if info.is_main:
         log.info("Building data done with %d images loaded.", len(train_set))
-    method, optimizer, schedule = build_method(args, info)
+    method, optimizer, schedule = build(args, info)
     print_setup(info, args.batch_size, f"base_lr {args.base_lr} -> final_lr {args.final_lr} (LARC trust 0.001, not scaled)",
                 f"cosine per iteration, {args.warmup_epochs} warmup epochs from {args.start_warmup}")
     knn = knn_monitor(args, knn_root(data_path, small.dataset_name(args)), std=SWAV_STD,
                       workers=args.workers) if args.knn_freq else None
     sanity.report(info, small.describe(args), sanity.amp_notice(args, info.device),
                   sanity.warmup_warning(args.warmup_epochs, args.epochs),
-                  sanity.lr_warning("mocom", args.base_lr, args.batch_size * info.world_size, "--base_lr"),
+                  sanity.lr_warning(name, args.base_lr, args.batch_size * info.world_size, "--base_lr"),
                   sanity.image_size_warning(train_set, max(args.size_crops), "--size_crops", "training crops"),
                   sanity.knn_image_size_warning(knn, args.image_size))
     if info.is_main:
         save_args(args, out)
     cfg = engine_config(args, batch_size=args.batch_size, output_dir=out,
-                        checkpoint=swav_checkpoint_policy(out, args.checkpoint_freq), method_name="mocom",
+                        checkpoint=swav_checkpoint_policy(out, args.checkpoint_freq), method_name=name,
                         workers=args.workers)
     torch.backends.cudnn.benchmark = True
     Trainer(method, optimizer, schedule, train_set, cfg, info, knn).fit()

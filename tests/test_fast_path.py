@@ -99,6 +99,8 @@ def test_install_follows_the_flag(tiny_folder):
     assert isinstance(ds.transform, R.TwoCropsTransform)
     photo = install(ds, "on", cpu)
     assert isinstance(ds.transform, WorkerCrops) and len(photo) == 2
+    worker = ds.transform
+    assert install(ds, "on", cpu) is photo and ds.transform is worker   # a second Trainer on the same dataset
     crops, target, index = ds[(3, 0)]
     assert [c.dtype for c in crops] == [torch.uint8] * 2 and index == 3
     assert all(torch.equal(a, b) for a, b in zip(crops, ds[(3, 0)][0])) and not torch.equal(crops[0], ds[(3, 1)][0][0])

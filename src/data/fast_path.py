@@ -92,9 +92,14 @@ class WorkerCrops:
 
 
 def split_transform(transform) -> tuple[WorkerCrops, DevicePipeline]:
-    """(worker half, device half) of a reference transform (UserError if it has no device twin)."""
+    """(worker half, device half) of a reference transform (UserError if it has no device twin); a
+    transform already split (a dataset handed to a second Trainer) gives its halves again."""
+    if isinstance(transform, WorkerCrops):
+        return transform, transform.device_half
     geometry, photometry = device_pipeline(transform).split()
-    return WorkerCrops(geometry), photometry
+    worker = WorkerCrops(geometry)
+    worker.device_half = photometry
+    return worker, photometry
 
 
 def enabled(mode: str, device: torch.device) -> bool:

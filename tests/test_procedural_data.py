@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
 from src.data.cifar import CifarDataset, write_cifar10
-from src.data.procedural import TEXTURES, make_split, write_procedural_cifar10
+from src.data.procedural import INVARIANT_CLASSES, TEXTURES, make_split, write_invariant_cifar10, write_procedural_cifar10
 from tests.small_data import _cifar_rows
 
 
@@ -70,3 +70,23 @@ def test_colour_says_nothing_about_the_class_but_geometry_does():
            for name, feat in (("colour", colour), ("geometry", geometry))}
     assert acc["colour"] < 0.2, acc          # chance is 0.1
     assert acc["geometry"] > 0.6, acc
+
+
+def test_learning_check_data_is_seeded_and_its_nuisances_vary_within_each_class(tmp_path):
+    """``write_invariant_cifar10``: classes interleaved, the class names, the same bytes for the same seed;
+    within one class the images' brightness and colour (the colour-jitter draws) and their texture
+    period differ (tests/test_learning_check.py trains on it)."""
+    root = write_invariant_cifar10(str(tmp_path / "a"), train_per_class=20, test_per_class=2, seed=3)
+    ds = CifarDataset(root, "cifar10", train=True)
+    assert ds.targets == [0, 1, 2, 3] * 20 and len(CifarDataset(root, "cifar10", train=False)) == 8
+    assert ds.classes[:4] == list(INVARIANT_CLASSES) and ds.classes[4] == "unused_4"
+    again = write_invariant_cifar10(str(tmp_path / "b"), 20, 2, seed=3)
+    other = write_invariant_cifar10(str(tmp_path / "c"), 20, 2, seed=4)
+    blob = [Path(r, "cifar-10-batches-py", "data_batch_1").read_bytes() for r in (root, again, other)]
+    assert blob[0] == blob[1] != blob[2]
+    stripes = ds.data[np.asarray(ds.targets) == 0].astype(np.float64)      # horizontal stripes
+    mean_rgb = stripes.reshape(20, -1, 3).mean(1)
+    assert mean_rgb.mean(1).std() > 8 and np.ptp(mean_rgb[:, 0] - mean_rgb[:, 2]) > 40
+    rows = stripes.mean((2, 3))                                             # one value per row: the stripe profile
+    spectrum = np.abs(np.fft.rfft(rows - rows.mean(1, keepdims=True), axis=1))
+    assert len(set(spectrum.argmax(1))) >= 3                                # periods 4-10 px: several frequencies

@@ -51,11 +51,12 @@ def _blobs(rng: np.random.Generator, size: int, period: float) -> np.ndarray:
     return 0.5 + 0.5 * np.tanh(3.0 * field / (field.std() + 1e-8))
 
 
-def texture(cls: int, rng: np.random.Generator, size: int, period: tuple[float, float]) -> np.ndarray:
+def texture(cls: int, rng: np.random.Generator, size: int, period: tuple[float, float],
+            tilt: float = 8.0) -> np.ndarray:
     """The pattern of class ``cls`` (``size``×``size`` in [0, 1]) with random period, phase, centre and
-    a ±8° orientation jitter."""
+    a ±``tilt``° orientation jitter."""
     p = rng.uniform(*period)
-    a = np.deg2rad(rng.uniform(-8, 8))
+    a = np.deg2rad(rng.uniform(-tilt, tilt))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     cx, cy = rng.uniform(0, size, 2)
     x0, y0 = xx - cx, yy - cy
@@ -131,4 +132,52 @@ def write_procedural_cifar10(root: str, train_per_class: int = 500, test_per_cla
     test = make_split(test_per_class, num_classes, 32, seed=seed * 2 + 1, **kw)
     names = list(TEXTURES[:num_classes]) + [f"unused_{i}" for i in range(num_classes, 10)]
     write_cifar10(root, train, test, names)
+    return root
+
+
+# ----------------------------------------------------------------------------- the learning check
+#: the learning check's classes: texture geometry only, each symmetric under a horizontal flip
+INVARIANT_CLASSES = ("hstripes", "vstripes", "checker", "dots")
+#: its one colour pair (foreground, background)
+INVARIANT_COLOURS = ((200.0, 60.0, 40.0), (40.0, 80.0, 160.0))
+#: MoCo v2's ColorJitter(0.4, 0.4, 0.4, 0.1): brightness, contrast, saturation factors 1 ± 0.4, hue ± 0.1
+JITTER = (0.4, 0.4, 0.4, 0.1)
+
+
+def render_invariant(cls: int, rng: np.random.Generator, size: int = 32, period: tuple[float, float] = (4.0, 10.0),
+                     noise: float = 4.0) -> np.ndarray:
+    """One ``size``×``size``×3 uint8 image of ``INVARIANT_CLASSES[cls]`` in which every per-image
+    nuisance is one that MoCo v2's augmentation draws afresh for each view, so that the class is the
+    only thing two views of an image share beyond what a view of any other image of the class shares.
+
+    The texture fills the image, upright (RandomResizedCrop keeps the class and redraws phase and
+    scale; the period, 4–10 px at 32 px, stays inside the crops' zoom range), in one fixed colour
+    pair, with a little pixel noise, then through one draw of MoCo v2's own colour jitter (brightness,
+    contrast, saturation, hue, in that order, factors from the augmentation's ranges). A randomly
+    initialised encoder sees the jitter and the period first; an encoder that has learnt the
+    augmentations' invariances sees only the geometry (docs/small_images.md, "The learning check")."""
+    import torch
+    import torchvision.transforms.v2.functional as F
+    f = texture(TEXTURES.index(INVARIANT_CLASSES[cls]), rng, size, period, tilt=0.0)[..., None]
+    fg, bg = (np.asarray(c) for c in INVARIANT_COLOURS)
+    img = bg * (1 - f) + fg * f + rng.normal(0.0, noise, (size, size, 3))
+    x = torch.from_numpy(np.clip(np.round(img), 0, 255).astype(np.uint8)).permute(2, 0, 1)
+    b, c, s, h = JITTER
+    x = F.adjust_brightness(x, rng.uniform(1 - b, 1 + b))
+    x = F.adjust_contrast(x, rng.uniform(1 - c, 1 + c))
+    x = F.adjust_saturation(x, rng.uniform(1 - s, 1 + s))
+    x = F.adjust_hue(x, rng.uniform(-h, h))
+    return x.permute(1, 2, 0).contiguous().numpy()
+
+
+def write_invariant_cifar10(root: str, train_per_class: int = 128, test_per_class: int = 64, seed: int = 0) -> str:
+    """The learning check's data (:func:`render_invariant`, classes interleaved) under
+    ``<root>/cifar-10-batches-py`` in CIFAR-10's python format (the unused label names are placeholders).
+    Returns ``root``."""
+    def split(per_class: int, stream: int) -> tuple[np.ndarray, list]:
+        rng = np.random.default_rng(seed * 2 + stream)
+        labels = [i % len(INVARIANT_CLASSES) for i in range(per_class * len(INVARIANT_CLASSES))]
+        return np.stack([render_invariant(c, rng) for c in labels]), labels
+    names = list(INVARIANT_CLASSES) + [f"unused_{i}" for i in range(len(INVARIANT_CLASSES), 10)]
+    write_cifar10(root, split(train_per_class, 0), split(test_per_class, 1), names)
     return root

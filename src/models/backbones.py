@@ -18,6 +18,8 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from ..errors import UserError
+from .convnet import WIDTH as CONV4_WIDTH
+from .convnet import conv4
 from .swav_resnet import SWAV_TEACHERS, swav_resnet50
 
 
@@ -26,7 +28,7 @@ class ArchSpec:
     builder: Callable[..., nn.Module]
     feat_dim: int
     head_attr: str  # the attribute that holds the classifier / projection head
-    family: str     # "resnet", "swav_resnet" (a ResNet with SwAV's stem) or "timm"
+    family: str     # "resnet", "swav_resnet" (a ResNet with SwAV's stem), "timm" or "convnet"
 
 
 def _tv(name: str) -> Callable[..., nn.Module]:
@@ -56,6 +58,8 @@ ARCHS: dict[str, ArchSpec] = {
     "efficientb0": ArchSpec(_timm("efficientnet_b0"), 1280, "classifier", "timm"),
     "efficientb1": ArchSpec(_timm("efficientnet_b1"), 1280, "classifier", "timm"),
     "mobilenetv3": ArchSpec(_timm("mobilenetv3_large_100"), 1280, "classifier", "timm"),
+    # a CPU-sized backbone for smoke runs and the learning check (src/models/convnet.py); no paper's
+    "conv4": ArchSpec(conv4, CONV4_WIDTH, "fc", "convnet"),
 }
 # SwAV's ResNet variant (extra stem padding, ``widen``; head attribute ``projection_head``): DisCo's
 # SwAV / DeepCluster-v2 / SeLa-v2 teachers (disco_pcl_evals.md A2, A5); loadable from the raw state dicts
